@@ -1,0 +1,21 @@
+# powerclip-workflow: PowerCLIP and its peers, from raw shards to the results table.
+# Read top to bottom: configuration, then one file per stage, then the default target.
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/download.smk"
+include: "rules/parse_tree.smk"
+include: "rules/segment.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        phrases=all_phrase_sidecars(),
+        regions=all_region_sidecars(),

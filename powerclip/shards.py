@@ -1,0 +1,251 @@
+"""Shard I/O shared by every stage: atomic outputs, per-stage statistics, reading and writing tars.
+
+Every stage reads a raw WebDataset shard and writes one output tar plus ``<shard>.stats.json``:
+``samples_in == samples_out + samples_skipped`` always holds, and each skipped sample is counted under
+a reason. Outputs appear under their final name only once complete (temp file + ``os.replace``), so an
+interrupted job never leaves a truncated shard behind for the next stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import tarfile
+import tempfile
+from collections import Counter
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+# Fixed member mtime so the same content gives byte-identical tars (determinism tests, checksums).
+TAR_MTIME = 0
+# How many skipped keys per reason are named in the log (the counts are always complete).
+LOGGED_SKIPS_PER_REASON = 20
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success move it into place, on error remove it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+@dataclass
+class StageStats:
+    """Counts of one stage on one shard: what came in, what went out, what was skipped and why.
+
+    ``samples_out`` counts samples with a usable result. A skipped sample of a *sidecar* stage still gets
+    an empty entry in the sidecar (keys stay aligned with the raw shard); a skipped sample of the fetch
+    stage is absent from the raw shard. ``counters`` holds finer counts (phrases dropped, regions kept...).
+    """
+
+    stage: str
+    shard: str
+    samples_in: int = 0
+    samples_out: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    counters: Counter = field(default_factory=Counter)
+    info: dict = field(default_factory=dict)
+
+    def skip(self, reason: str, key: str | None = None, detail: str | None = None) -> None:
+        self.skipped[reason] += 1
+        if self.skipped[reason] <= LOGGED_SKIPS_PER_REASON:
+            what = f"sample {key!r}" if key is not None else "a sample"
+            extra = f": {detail}" if detail else ""
+            log.warning("%s %s: skipped %s (%s)%s", self.stage, self.shard, what, reason, extra)
+            if self.skipped[reason] == LOGGED_SKIPS_PER_REASON:
+                log.warning("%s %s: further '%s' skips are counted, not logged", self.stage, self.shard, reason)
+
+    @property
+    def samples_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def check(self) -> None:
+        if self.samples_in != self.samples_out + self.samples_skipped:
+            raise AssertionError(
+                f"{self.stage} {self.shard}: samples_in={self.samples_in} != samples_out={self.samples_out}"
+                f" + samples_skipped={self.samples_skipped} ({dict(self.skipped)})"
+            )
+
+    def to_dict(self) -> dict:
+        return {
+            "stage": self.stage,
+            "shard": self.shard,
+            "samples_in": self.samples_in,
+            "samples_out": self.samples_out,
+            "samples_skipped": self.samples_skipped,
+            "skipped_by_reason": dict(sorted(self.skipped.items())),
+            "counters": dict(sorted(self.counters.items())),
+            **({"info": self.info} if self.info else {}),
+        }
+
+    def write(self, path: str | os.PathLike) -> dict:
+        self.check()
+        summary = self.to_dict()
+        write_json_atomic(path, summary)
+        log.info(
+            "%s %s: %d in, %d out, %d skipped %s",
+            self.stage,
+            self.shard,
+            self.samples_in,
+            self.samples_out,
+            self.samples_skipped,
+            dict(self.skipped) or "",
+        )
+        return summary
+
+
+class ShardFormatError(ValueError):
+    """A shard that cannot be read as WebDataset samples; the message names the shard and the key."""
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+    """``dir/000123.samlens.npy`` -> (``dir/000123``, ``samlens.npy``), WebDataset's key rule."""
+    directory, _, base = name.rpartition("/")
+    stem, dot, ext = base.partition(".")
+    if not dot:
+        return name, ""
+    return (f"{directory}/{stem}" if directory else stem), ext
+
+
+def iter_samples(path: str | os.PathLike, fields: Collection[str] | None = None) -> Iterator[dict]:
+    """Raw samples of a tar in file order: ``{"__key__": key, ext: bytes, ...}``.
+
+    Follows WebDataset's grouping (consecutive members with the same key form one sample) but reads the
+    tar directly, so no decoding happens and errors name the shard and the member. With ``fields``, only
+    those extensions are read into memory (every sample is still yielded, with its key).
+    """
+    path = Path(path)
+    try:
+        raw = open(path, "rb")  # noqa: SIM115 - closed below
+        tar = tarfile.open(fileobj=raw, mode="r|")
+    except (OSError, tarfile.TarError) as exc:
+        raise ShardFormatError(f"{path}: not a readable (uncompressed) tar file ({exc})") from exc
+    current: dict | None = None
+    seen: set[str] = set()
+    with raw, tar:
+        try:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, ext = split_member_name(member.name)
+                if not ext or key.split("/")[-1].startswith("_"):
+                    continue  # files like __index__ or keys without extension are not samples
+                data = tar.extractfile(member).read() if fields is None or ext in fields else None
+                if current is not None and key == current["__key__"]:
+                    if data is None:
+                        continue
+                    if ext in current:
+                        raise ShardFormatError(f"{path}: sample {key!r} has two '{ext}' members")
+                    current[ext] = data
+                    continue
+                if current is not None:
+                    yield current
+                if key in seen:
+                    raise ShardFormatError(f"{path}: sample {key!r} appears twice (its members are not contiguous)")
+                seen.add(key)
+                current = {"__key__": key}
+                if data is not None:
+                    current[ext] = data
+        except (OSError, tarfile.TarError, EOFError) as exc:
+            last = current["__key__"] if current else None
+            raise ShardFormatError(f"{path}: corrupt tar after sample {last!r} ({exc})") from exc
+        # A tar cut at a member boundary reads as a shorter valid tar: only the end-of-archive
+        # marker (a zero block) tells a complete file from a truncated one.
+        raw.seek(tar.offset)
+        marker = raw.read(tarfile.BLOCKSIZE)
+        if len(marker) < tarfile.BLOCKSIZE or any(marker):
+            last = current["__key__"] if current else None
+            raise ShardFormatError(f"{path}: truncated tar (no end-of-archive marker after sample {last!r}); fetch it again")
+    if current is not None:
+        yield current
+
+
+def read_keys(path: str | os.PathLike) -> list[str]:
+    return [s["__key__"] for s in iter_samples(path)]
+
+
+class ShardWriter:
+    """Write samples into one tar, atomically (the final name appears only after ``close``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._ctx = atomic_output(self.path)
+        self._tmp = self._ctx.__enter__()
+        self._tar = tarfile.open(self._tmp, mode="w", format=tarfile.USTAR_FORMAT)
+        self.count = 0
+
+    def write(self, key: str, fields: Mapping[str, bytes]) -> None:
+        if "." in key.split("/")[-1]:
+            raise ValueError(f"{self.path}: sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
+        for ext, data in fields.items():
+            if ext.startswith("__"):
+                continue
+            if not isinstance(data, (bytes, bytearray)):
+                raise TypeError(f"{self.path}: sample {key!r} field {ext!r} must be bytes, got {type(data).__name__}")
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size = len(data)
+            info.mtime = TAR_MTIME
+            info.mode = 0o444
+            info.uname = info.gname = "powerclip"
+            self._tar.addfile(info, io.BytesIO(data))
+        self.count += 1
+
+    def close(self) -> None:
+        self._tar.close()
+        self._ctx.__exit__(None, None, None)
+
+    def abort(self, exc: BaseException) -> None:
+        self._tar.close()
+        with contextlib.suppress(BaseException):
+            self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is None:
+            self.close()
+        else:
+            self.abort(exc)
+
+
+def image_field(sample: Mapping) -> str | None:
+    """The image extension a sample carries, or None."""
+    return next((ext for ext in IMAGE_EXTENSIONS if ext in sample), None)
+
+
+def decode_image(data: bytes):
+    """Image bytes -> RGB PIL image (decoded fully, so a truncated file fails here, not later)."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        return img.convert("RGB")

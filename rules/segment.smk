@@ -1,0 +1,74 @@
+# One rule per kind of segmenter, so that the SLURM profile can give SAM/SAM2 a GPU and the classical
+# sources none. All three write the same sidecar format: results/<dataset>/regions/<source>/<shard>.tar.
+
+
+rule segment_shard:
+    input:
+        shard="resources/{dataset}/shards/{shard}.tar",
+    output:
+        regions="results/{dataset}/regions/{source}/{shard}.tar",
+        stats="results/{dataset}/regions/{source}/{shard}.stats.json",
+    log:
+        "logs/segment_shard/{dataset}/{source}/{shard}.log",
+    benchmark:
+        "benchmarks/segment_shard/{dataset}/{source}/{shard}.tsv"
+    wildcard_constraints:
+        source="felzenszwalb|random",
+    conda:
+        "../envs/segment.yaml"
+    threads: 1
+    params:
+        grid=config["grid"],
+        segment=config["segment"],
+    script:
+        "../workflow_scripts/segment_shard.py"
+
+
+rule segment_shard_sam:
+    input:
+        shard="resources/{dataset}/shards/{shard}.tar",
+    output:
+        regions="results/{dataset}/regions/sam/{shard}.tar",
+        stats="results/{dataset}/regions/sam/{shard}.stats.json",
+    log:
+        "logs/segment_shard/{dataset}/sam/{shard}.log",
+    benchmark:
+        "benchmarks/segment_shard/{dataset}/sam/{shard}.tsv"
+    conda:
+        "../envs/sam.yaml"
+    threads: 4
+    resources:
+        gpu=sam_gpus,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 360 * attempt,
+    params:
+        grid=config["grid"],
+        segment=config["segment"],
+        source="sam",
+    script:
+        "../workflow_scripts/segment_shard.py"
+
+
+rule segment_shard_sam2:
+    input:
+        shard="resources/{dataset}/shards/{shard}.tar",
+    output:
+        regions="results/{dataset}/regions/sam2/{shard}.tar",
+        stats="results/{dataset}/regions/sam2/{shard}.stats.json",
+    log:
+        "logs/segment_shard/{dataset}/sam2/{shard}.log",
+    benchmark:
+        "benchmarks/segment_shard/{dataset}/sam2/{shard}.tsv"
+    conda:
+        "../envs/sam2.yaml"
+    threads: 4
+    resources:
+        gpu=sam_gpus,
+        mem_mb=lambda wildcards, attempt: 16000 * attempt,
+        runtime=lambda wildcards, attempt: 360 * attempt,
+    params:
+        grid=config["grid"],
+        segment=config["segment"],
+        source="sam2",
+    script:
+        "../workflow_scripts/segment_shard.py"

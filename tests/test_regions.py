@@ -1,0 +1,116 @@
+import numpy as np
+import pytest
+
+from powerclip.regions import (
+    FelzenszwalbSegmenter,
+    PatchGrid,
+    RandomBoxSegmenter,
+    Region,
+    regions_to_cells,
+)
+
+GRID = PatchGrid(image_size=224, patch_size=16)  # 14 x 14, as in the paper
+
+
+def test_full_image_box_covers_every_cell():
+    assert GRID.box_to_cells((0, 0, 224, 224), 224, 224) == list(range(196))
+
+
+def test_exact_single_cell():
+    # cell (row 2, col 3) spans x 48..64, y 32..48
+    assert GRID.box_to_cells((48, 32, 16, 16), 224, 224) == [2 * 14 + 3]
+
+
+def test_half_cell_overlap_rule():
+    # x from 40 to 72: covers col 2 by 8 px (half: kept), col 3 fully, col 4 by 8 px (kept)
+    assert GRID.box_to_cells((40, 0, 32, 16), 224, 224) == [2, 3, 4]
+    # x from 41 to 71: col 2 by 7 px and col 4 by 7 px (less than half: dropped)
+    assert GRID.box_to_cells((41, 0, 30, 16), 224, 224) == [3]
+
+
+def test_thin_box_keeps_the_cell_under_its_centre():
+    assert GRID.box_to_cells((100, 100, 2, 2), 224, 224) == [6 * 14 + 6]
+
+
+def test_edges_and_boxes_spilling_outside():
+    assert GRID.box_to_cells((216, 216, 100, 100), 224, 224) == [195]  # clipped to the last cell
+    assert GRID.box_to_cells((-50, -50, 66, 66), 224, 224) == [0]
+    assert GRID.box_to_cells((300, 0, 10, 10), 224, 224) is None  # entirely outside
+
+
+def test_non_square_image_follows_resize_and_centre_crop():
+    # 448 x 224 (w x h): resized to 448 x 224 (shorter side 224), then 112 px cut on each side.
+    assert GRID.crop_geometry(448, 224) == (1.0, 1.0, 112, 0)
+    assert GRID.box_to_cells((0, 0, 100, 224), 448, 224) is None  # falls in the cropped-away band
+    assert GRID.box_to_cells((112, 0, 16, 16), 448, 224) == [0]
+    # 100 x 200: scaled by 2.24, crop removes 112 px top and bottom
+    sx, sy, left, top = GRID.crop_geometry(100, 200)
+    assert (left, top) == (0, 112) and sx == pytest.approx(2.24)
+    assert GRID.box_to_cells((0, 50, 100, 100), 100, 200) == list(range(196))
+
+
+def test_small_grid_of_the_demo():
+    grid = PatchGrid(image_size=64, patch_size=8)
+    assert grid.num_cells == 64
+    assert grid.box_to_cells((8, 8, 16, 8), 64, 64) == [9, 10]
+
+
+def test_grid_validation():
+    with pytest.raises(ValueError, match="multiple"):
+        PatchGrid(image_size=100, patch_size=16)
+
+
+def test_regions_sorted_by_area_deduped_and_capped():
+    regions = [
+        Region(area=10, bbox=(0, 0, 16, 16)),
+        Region(area=500, bbox=(0, 0, 224, 224)),
+        Region(area=20, bbox=(1, 1, 15, 15)),  # same single cell as the first: duplicate
+        Region(area=30, bbox=(500, 500, 5, 5)),  # outside
+        Region(area=40, bbox=(16, 16, 16, 16)),
+    ]
+    from collections import Counter
+
+    counts = Counter()
+    cells = regions_to_cells(regions, GRID, 224, 224, max_regions=3, counters=counts)
+    assert cells == [list(range(196)), [15], [0]]
+    assert counts["regions_found"] == 5 and counts["regions_outside_crop"] == 1
+    assert counts["regions_duplicate"] == 1 and counts["regions_capped"] == 0 and counts["regions_kept"] == 3
+    counts.clear()
+    assert regions_to_cells(regions, GRID, 224, 224, max_regions=2, counters=counts) == [list(range(196)), [15]]
+    assert counts["regions_capped"] == 2 and counts["regions_kept"] == 2
+    assert len(regions_to_cells(regions, GRID, 224, 224, dedupe=False)) == 4
+
+
+def test_felzenszwalb_finds_the_synthetic_objects():
+    from powerclip.synthetic import ShapesConfig, ShapesGenerator
+
+    gen = ShapesGenerator(ShapesConfig(), seed=3)
+    seg = FelzenszwalbSegmenter(scale=500, sigma=0.5, min_size=30)
+    found = total = 0
+    for i in range(20):
+        sample = gen.sample(0, i)
+        regions = seg(sample["image"])
+        assert all(r.area > 0 for r in regions)
+        for obj in sample["meta"]["objects"]:
+            x, y, w, h = obj["bbox"]
+            total += 1
+            found += any(
+                abs(r.bbox[0] - x) <= 2 and abs(r.bbox[1] - y) <= 2 and abs(r.bbox[2] - w) <= 3 and abs(r.bbox[3] - h) <= 3
+                for r in regions
+            )
+    assert found / total >= 0.9
+
+
+def test_random_boxes_are_deterministic_per_key():
+    from PIL import Image
+
+    image = Image.new("RGB", (80, 60))
+    seg = RandomBoxSegmenter(min_regions=2, max_regions=5, seed=1)
+    a, b, c = seg(image, "k1"), seg(image, "k1"), seg(image, "k2")
+    assert a == b and a != c
+    assert 2 <= len(a) <= 5
+    for r in a:
+        x, y, w, h = r.bbox
+        assert 0 <= x and x + w <= 80 and 0 <= y and y + h <= 60
+        assert r.area == pytest.approx(w * h)
+    assert RandomBoxSegmenter(seed=2)(image, "k1") != RandomBoxSegmenter(seed=1)(image, "k1")

@@ -1,0 +1,18 @@
+# Thin glue for rule fetch_shard: see powerclip.fetch.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
+
+from powerclip.fetch import fetch_shard
+from powerclip.logs import log_to_file
+
+log_to_file(snakemake.log[0])
+fetch_shard(
+    snakemake.params.dataset,
+    snakemake.wildcards.shard,
+    out_tar=snakemake.output.shard,
+    stats_path=snakemake.output.stats,
+    parts_dir=snakemake.input.get("parts"),
+    threads=snakemake.threads,
+)

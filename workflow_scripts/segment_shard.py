@@ -1,0 +1,23 @@
+# Thin glue for rules segment_shard, segment_shard_sam, segment_shard_sam2: see powerclip.regions.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
+
+from powerclip.logs import log_to_file
+from powerclip.regions import PatchGrid, segment_shard
+
+log_to_file(snakemake.log[0])
+source = snakemake.params.get("source") or snakemake.wildcards.source
+seg = snakemake.params.segment
+segment_shard(
+    snakemake.input.shard,
+    snakemake.output.regions,
+    snakemake.output.stats,
+    shard=snakemake.wildcards.shard,
+    source=source,
+    grid=PatchGrid(**snakemake.params.grid),
+    options=seg.get(source, {}),
+    max_regions=seg.get("max_regions", 32),
+    dedupe=seg.get("dedupe", True),
+)
