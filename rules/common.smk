@@ -18,7 +18,9 @@ if DATASET not in config["datasets"]:
         f"config: dataset {DATASET!r} is not one of datasets: {sorted(config['datasets'])}"
     )
 REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random")
-SHARDS = {name: shard_names(spec) for name, spec in config["datasets"].items()}
+_SHARDS = (
+    {}
+)  # filled on first use: a local dataset's files may not exist until a rule makes them
 
 
 wildcard_constraints:
@@ -32,7 +34,9 @@ def get_dataset(wildcards):
 
 
 def get_shards(dataset=DATASET):
-    return SHARDS[dataset]
+    if dataset not in _SHARDS:
+        _SHARDS[dataset] = shard_names(config["datasets"][dataset])
+    return _SHARDS[dataset]
 
 
 def fetch_inputs(wildcards):
