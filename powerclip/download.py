@@ -473,7 +473,8 @@ def fetch_img2dataset_shard(
         stats.check()
         return {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0, "status_dict": {}}
 
-    tmp_parent = Path(workdir) if workdir is not None else out_tar.parent
+    # Absolute: img2dataset resolves a relative output folder through fsspec against another directory.
+    tmp_parent = (Path(workdir) if workdir is not None else out_tar.parent).resolve()
     tmp_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{shard_name}.img2dataset.", dir=tmp_parent) as tmp:
         output_folder = Path(tmp) / "out"
@@ -499,7 +500,8 @@ def fetch_img2dataset_shard(
         # img2dataset runs in its own environment: keep this process's PYTHONPATH/PYTHONHOME (e.g. the main
         # venv's webdataset 1.x / pandas 3) out of it, and keep wandb from reaching out.
         env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
-        env.update(WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1")
+        # albumentations (imported by img2dataset) checks PyPI for updates at import unless told not to.
+        env.update(WANDB_MODE="disabled", WANDB_SILENT="true", PYTHONUNBUFFERED="1", NO_ALBUMENTATIONS_UPDATE="1")
         log.info("%s: running %s", shard_name, " ".join(cmd))
         started = time.monotonic()
         tail: collections.deque[str] = collections.deque(maxlen=IMG2DATASET_TAIL_LINES)

@@ -25,38 +25,32 @@ log = logging.getLogger(__name__)
 def fetch_shard(dataset: dict, shard: str, out_tar, stats_path, parts_dir=None, threads: int = 1) -> dict:
     source = dataset["source"]
     stats = StageStats("fetch_shard", shard)
-    stats.info["source"] = source
+    # stats.info["source"] describes where the shard came from ({"type": <source>, ...}).
     if source == "synthetic":
         from powerclip.synthetic import ShapesConfig, write_shard
 
         opts = dict(dataset["synthetic"])
         samples, seed, split = opts.pop("samples_per_shard"), opts.pop("seed"), opts.pop("split", "train")
         index = shard_names(dataset).index(shard)
-        stats.info.update(seed=seed, split=split, shard_index=index)
+        stats.info["source"] = {"type": "synthetic", "seed": seed, "split": split, "shard_index": index}
         write_shard(out_tar, shard, index, samples, seed, ShapesConfig.from_dict(opts), split=split, stats=stats)
     elif source == "local":
         from powerclip.download import fetch_local_shard
 
-        src = local_shards(dataset["local"]["pattern"])[shard]
-        stats.info["path"] = str(src)
-        fetch_local_shard(src, out_tar, stats)
+        fetch_local_shard(local_shards(dataset["local"]["pattern"])[shard], out_tar, stats)
     elif source == "img2dataset":
         from powerclip.download import fetch_img2dataset_shard
 
         opts = {k: v for k, v in dataset["img2dataset"].items() if k in IMG2DATASET_SHARD_KEYS}
         opts.setdefault("processes", max(1, threads))
-        part = Path(parts_dir) / f"{shard}.tsv"
-        stats.info.update(part=str(part))
-        fetch_img2dataset_shard(part, out_tar, stats, shard_name=shard, **opts)
+        fetch_img2dataset_shard(Path(parts_dir) / f"{shard}.tsv", out_tar, stats, shard_name=shard, **opts)
     elif source == "huggingface":
         from powerclip.download import fetch_huggingface_shard
 
         hf = dataset["huggingface"]
-        filename = huggingface_filename(dataset, shard)
-        stats.info.update(repo_id=hf["repo_id"], filename=filename, revision=hf.get("revision", "main"))
-        result = fetch_huggingface_shard(
+        fetch_huggingface_shard(
             hf["repo_id"],
-            filename,
+            huggingface_filename(dataset, shard),
             out_tar,
             stats,
             revision=hf.get("revision", "main"),
@@ -65,7 +59,6 @@ def fetch_shard(dataset: dict, shard: str, out_tar, stats_path, parts_dir=None, 
             cache_dir=hf.get("cache_dir"),
             retries=hf.get("retries", 3),
         )
-        stats.info.update(result)
     else:
         raise ValueError(f"unknown dataset source {source!r}")
     return stats.write(stats_path)

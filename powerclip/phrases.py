@@ -132,6 +132,10 @@ def constituent_spans(doc, kinds: Iterable[str] = PHRASE_KINDS) -> list[Span]:
     return [spans[k] for k in sorted(spans)]
 
 
+class AlignmentError(ValueError):
+    """A caption whose tokens cannot be given character offsets (counted as skipped)."""
+
+
 @dataclass
 class TokenPieces:
     """The CLIP tokenization of a cleaned caption, with each token's character span."""
@@ -149,10 +153,12 @@ class ClipTokenAligner:
     """
 
     def __init__(self, tokenizer=None, context_length: int = 77):
-        if tokenizer is None:
-            from open_clip.tokenizer import SimpleTokenizer
+        from open_clip.tokenizer import SimpleTokenizer, _clean_lower
 
+        if tokenizer is None:
             tokenizer = SimpleTokenizer(context_length=context_length)
+        if getattr(tokenizer, "clean_fn", None) is not _clean_lower:
+            raise ValueError("phrase alignment supports OpenCLIP's SimpleTokenizer with clean='lower' (its default)")
         self.tok = tokenizer
         self.context_length = int(context_length)
 
@@ -163,17 +169,23 @@ class ClipTokenAligner:
         return whitespace_clean(basic_clean(text))
 
     def pieces(self, cleaned: str) -> TokenPieces:
+        """Tokens of ``cleaned`` (= ``clean(caption)``), exactly as the tokenizer makes them for ``caption``.
+
+        The tokenizer lower-cases ``clean(caption)`` and runs its regex and BPE on that; so do we, keeping
+        each token's character span in ``cleaned``.
+        """
         lowered = cleaned.lower()
         if len(lowered) == len(cleaned):
             origin = list(range(len(cleaned) + 1))
         else:  # a few characters lower-case to two (e.g. "İ"): map offsets character by character
-            lowered_parts, origin = [], []
+            parts, origin = [], []
             for i, ch in enumerate(cleaned):
                 low = ch.lower()
-                lowered_parts.append(low)
+                parts.append(low)
                 origin.extend([i] * len(low))
-            lowered = "".join(lowered_parts)
             origin.append(len(cleaned))
+            if "".join(parts) != lowered:  # context-dependent lower-casing: offsets cannot be mapped
+                raise AlignmentError(f"cannot map character offsets of {cleaned!r} after lower-casing")
         ids: list[int] = []
         spans: list[tuple[int, int]] = []
         tok = self.tok
@@ -202,72 +214,117 @@ class PhraseResult:
     counters: Counter = field(default_factory=Counter)
 
 
-class AlignmentError(ValueError):
-    """Our character-offset tokenization disagrees with the OpenCLIP tokenizer on this caption."""
+def extract_phrases(doc, aligner: ClipTokenAligner, kinds=PHRASE_KINDS, max_phrases: int | None = None) -> PhraseResult:
+    """Phrases of a parsed caption whose text is ``aligner.clean(caption)``; may raise AlignmentError."""
+    counters: Counter = Counter()
+    pieces = aligner.pieces(doc.text)
+    counters["tokens"] += len(pieces.ids)
+    if len(pieces.ids) > aligner.last_content_position:
+        counters["captions_truncated"] += 1
+    phrases, kept_spans = [], []
+    seen: set[tuple[int, ...]] = set()
+    for span in constituent_spans(doc, kinds):
+        positions = aligner.positions(pieces, span.start_char, span.end_char)
+        if not positions:
+            counters["phrases_without_tokens"] += 1
+            continue
+        if positions[-1] > aligner.last_content_position:
+            counters["phrases_truncated"] += 1
+            continue
+        if tuple(positions) in seen:
+            counters["phrases_duplicate_tokens"] += 1
+            continue
+        if max_phrases is not None and len(phrases) >= max_phrases:
+            counters["phrases_capped"] += 1
+            continue
+        seen.add(tuple(positions))
+        phrases.append(positions)
+        kept_spans.append(span)
+        counters[f"phrases_{span.kind}"] += 1
+    counters["phrases_kept"] += len(phrases)
+    return PhraseResult(phrases, kept_spans, counters)
+
+
+USER_DATA_KEY = "powerclip_phrases"
+
+
+class PhraseComponent:
+    """spaCy pipeline component: stores ``extract_phrases`` output in ``doc.user_data``.
+
+    Running inside the pipeline means that with ``nlp.pipe(n_process=N)`` the extraction happens in the
+    N worker processes too, not serially in the parent.
+    """
+
+    def __init__(self, kinds=PHRASE_KINDS, max_phrases: int | None = None, context_length: int = 77):
+        self.kinds = tuple(kinds)
+        self.max_phrases = max_phrases
+        self.aligner = ClipTokenAligner(context_length=context_length)
+
+    def __call__(self, doc):
+        try:
+            result = extract_phrases(doc, self.aligner, self.kinds, self.max_phrases)
+        except AlignmentError as exc:
+            doc.user_data[USER_DATA_KEY] = {"error": str(exc)}
+        else:
+            doc.user_data[USER_DATA_KEY] = {
+                "phrases": result.phrases,
+                "spans": [[s.kind, s.start_char, s.end_char] for s in result.spans],
+                "counters": dict(result.counters),
+            }
+        return doc
+
+
+def _register_component() -> None:
+    from spacy.language import Language
+
+    if not Language.has_factory(USER_DATA_KEY):
+        Language.factory(
+            USER_DATA_KEY,
+            default_config={"kinds": list(PHRASE_KINDS), "max_phrases": None, "context_length": 77},
+            func=lambda nlp, name, kinds, max_phrases, context_length: PhraseComponent(kinds, max_phrases, context_length),
+        )
+
+
+def result_of(doc) -> PhraseResult:
+    """The component's output of a doc; raises AlignmentError for a caption it could not align."""
+    data = doc.user_data[USER_DATA_KEY]
+    if "error" in data:
+        raise AlignmentError(data["error"])
+    spans = [Span(kind, start, end) for kind, start, end in data["spans"]]
+    return PhraseResult([list(p) for p in data["phrases"]], spans, Counter(data["counters"]))
 
 
 class PhraseExtractor:
+    """A spaCy pipeline with the phrase component last: ``extractor(caption)`` or ``extractor.pipe(...)``."""
+
     def __init__(
         self,
-        nlp=None,
-        aligner: ClipTokenAligner | None = None,
+        spacy_model: str = "auto",
         kinds: Sequence[str] = PHRASE_KINDS,
         max_phrases: int | None = None,
-        spacy_model: str = "auto",
+        context_length: int = 77,
+        nlp=None,
     ):
         unknown = sorted(set(kinds) - set(PHRASE_KINDS))
         if unknown:
             raise ValueError(f"unknown phrase kinds {unknown}; choose from {PHRASE_KINDS}")
+        _register_component()
         self.nlp = nlp if nlp is not None else load_spacy(spacy_model)
-        self.aligner = aligner or ClipTokenAligner()
+        if USER_DATA_KEY in self.nlp.pipe_names:
+            self.nlp.remove_pipe(USER_DATA_KEY)
+        config = {"kinds": list(kinds), "max_phrases": max_phrases, "context_length": context_length}
+        component = self.nlp.add_pipe(USER_DATA_KEY, last=True, config=config)
+        self.aligner = component.aligner
         self.kinds = tuple(kinds)
         self.max_phrases = max_phrases
 
-    def from_doc(self, doc, caption: str) -> PhraseResult:
-        """Phrases of ``caption``, parsed as ``doc`` (whose text is ``aligner.clean(caption)``)."""
-        counters: Counter = Counter()
-        pieces = self.aligner.pieces(doc.text)
-        # pieces() runs the tokenizer's regex and BPE on doc.text lower-cased; the tokenizer itself runs
-        # them on clean_fn(caption). Equal strings give equal tokens, so comparing strings is enough.
-        if pieces.text != self.aligner.tok.clean_fn(caption):
-            if pieces.ids != self.aligner.tok.encode(caption):
-                raise AlignmentError(f"token alignment differs from the OpenCLIP tokenizer for {caption!r}")
-        counters["tokens"] += len(pieces.ids)
-        if len(pieces.ids) > self.aligner.last_content_position:
-            counters["captions_truncated"] += 1
-        phrases, kept_spans = [], []
-        seen: set[tuple[int, ...]] = set()
-        for span in constituent_spans(doc, self.kinds):
-            positions = self.aligner.positions(pieces, span.start_char, span.end_char)
-            if not positions:
-                counters["phrases_without_tokens"] += 1
-                continue
-            if positions[-1] > self.aligner.last_content_position:
-                counters["phrases_truncated"] += 1
-                continue
-            if tuple(positions) in seen:
-                counters["phrases_duplicate_tokens"] += 1
-                continue
-            if self.max_phrases is not None and len(phrases) >= self.max_phrases:
-                counters["phrases_capped"] += 1
-                continue
-            seen.add(tuple(positions))
-            phrases.append(positions)
-            kept_spans.append(span)
-            counters[f"phrases_{span.kind}"] += 1
-        counters["phrases_kept"] += len(phrases)
-        return PhraseResult(phrases, kept_spans, counters)
-
     def __call__(self, caption: str) -> PhraseResult:
-        return self.from_doc(self.nlp(self.aligner.clean(caption)), caption)
+        return result_of(self.nlp(self.aligner.clean(caption)))
 
-    def pipe(self, captions: Iterable[str], batch_size: int = 256, n_process: int = 1) -> Iterator[tuple[str, object]]:
-        """(caption, doc) pairs parsed in batches; call ``from_doc`` on each (it may raise AlignmentError)."""
-        pairs = ((self.aligner.clean(c), c) for c in captions)
-        yield from (
-            (caption, doc)
-            for doc, caption in self.nlp.pipe(pairs, as_tuples=True, batch_size=batch_size, n_process=n_process)
-        )
+    def pipe(self, captions: Iterable[str], batch_size: int = 256, n_process: int = 1) -> Iterator:
+        """Parsed docs, in order; ``result_of(doc)`` gives each one's phrases (or raises AlignmentError)."""
+        cleaned = (self.aligner.clean(c) for c in captions)
+        return self.nlp.pipe(cleaned, batch_size=batch_size, n_process=n_process)
 
 
 def decode_caption(raw: bytes | None) -> tuple[str | None, str | None]:
@@ -307,9 +364,7 @@ def parse_shard(
     from powerclip.shards import ShardWriter, StageStats, iter_samples
 
     stats = StageStats("parse_shard", shard)
-    extractor = extractor or PhraseExtractor(
-        spacy_model=spacy_model, kinds=kinds, max_phrases=max_phrases, aligner=ClipTokenAligner(context_length=context_length)
-    )
+    extractor = extractor or PhraseExtractor(spacy_model, kinds, max_phrases, context_length)
     stats.info.update(
         spacy_model=f"{extractor.nlp.meta.get('lang')}_{extractor.nlp.meta.get('name')}-{extractor.nlp.meta.get('version')}",
         kinds=list(extractor.kinds),
@@ -331,9 +386,8 @@ def parse_shard(
         ):
             phrases: list[list[int]] = []
             if caption is not None:
-                _, doc = next(docs)
                 try:
-                    result = extractor.from_doc(doc, caption)
+                    result = result_of(next(docs))
                 except AlignmentError as exc:
                     reason = "tokenizer_mismatch"
                     stats.skip(reason, key, str(exc))

@@ -15,14 +15,8 @@ def repo_root() -> Path:
 
 
 @pytest.fixture(scope="session")
-def nlp():
-    from powerclip.phrases import load_spacy
-
-    return load_spacy("auto")
-
-
-@pytest.fixture(scope="session")
-def extractor(nlp):
+def extractor():
+    """The real pipeline: the pinned English model + the phrase component (loaded once per session)."""
     from powerclip.phrases import PhraseExtractor
 
-    return PhraseExtractor(nlp=nlp)
+    return PhraseExtractor()

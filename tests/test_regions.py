@@ -114,3 +114,72 @@ def test_random_boxes_are_deterministic_per_key():
         assert 0 <= x and x + w <= 80 and 0 <= y and y + h <= 60
         assert r.area == pytest.approx(w * h)
     assert RandomBoxSegmenter(seed=2)(image, "k1") != RandomBoxSegmenter(seed=1)(image, "k1")
+
+
+def _shapes_shard(path, n=4, image_size=64):
+    from powerclip.synthetic import ShapesConfig, write_shard
+
+    write_shard(path, "s", 0, n, seed=0, config=ShapesConfig(image_size=image_size))
+    return path
+
+
+def test_segment_shard_counts_images_without_regions(tmp_path):
+    from powerclip.csr import decode_regions
+    from powerclip.regions import segment_shard
+    from powerclip.shards import iter_samples, read_keys
+
+    raw = _shapes_shard(tmp_path / "raw.tar")
+    keys = read_keys(raw)
+
+    def every_other(image, calls=[]):  # noqa: B006 - a call counter
+        calls.append(1)
+        return [Region(area=10.0, bbox=(0, 0, 20, 20))] if len(calls) % 2 else []
+
+    stats = segment_shard(raw, tmp_path / "r.tar", tmp_path / "r.json", "s", "felzenszwalb", PatchGrid(64, 8), segmenter=every_other)
+    samples = list(iter_samples(tmp_path / "r.tar"))
+    assert [s["__key__"] for s in samples] == keys
+    cells = [decode_regions(s["samlens.npy"], s["samcat.npy"]) for s in samples]
+    assert cells[0] == [[0, 1, 2, 8, 9, 10, 16, 17, 18]] and cells[1] == [] and cells[3] == []
+    assert stats["samples_out"] == 2 and stats["skipped_by_reason"] == {"no_region": 2}
+
+
+def test_segment_shard_failure_names_shard_and_key(tmp_path):
+    from powerclip.regions import segment_shard
+    from powerclip.shards import ShardWriter
+
+    raw = tmp_path / "broken.tar"
+    with ShardWriter(raw) as sink:
+        sink.write("k_bad", {"jpg": b"\xff\xd8 not really a jpeg", "txt": b"x"})
+    with pytest.raises(RuntimeError, match=r"shard broken .*sample 'k_bad'"):
+        segment_shard(raw, tmp_path / "r.tar", tmp_path / "r.json", "broken", "random", PatchGrid(64, 8))
+    assert not (tmp_path / "r.tar").exists() and not (tmp_path / "r.json").exists()
+    with ShardWriter(raw) as sink:
+        sink.write("k_noimage", {"txt": b"x"})
+    with pytest.raises(ValueError, match=r"shard broken, sample 'k_noimage' has no image"):
+        segment_shard(raw, tmp_path / "r.tar", tmp_path / "r.json", "broken", "random", PatchGrid(64, 8))
+
+
+@pytest.mark.slow
+def test_segment_shard_with_sam2_random_weights(tmp_path):
+    """The SAM2 path end to end on CPU: random weights, so only the format is checked."""
+    from powerclip.csr import decode_regions
+    from powerclip.regions import segment_shard
+    from powerclip.shards import iter_samples, read_keys
+
+    raw = _shapes_shard(tmp_path / "raw.tar", n=2)
+    options = {
+        "config": "configs/sam2.1/sam2.1_hiera_t.yaml",
+        "allow_random_weights": True,
+        "points_per_side": 2,
+        "pred_iou_thresh": 0.0,
+        "stability_score_thresh": 0.0,
+        "device": "cpu",
+    }
+    stats = segment_shard(raw, tmp_path / "r.tar", tmp_path / "r.json", "s", "sam2", PatchGrid(64, 8), options=options)
+    samples = list(iter_samples(tmp_path / "r.tar"))
+    assert [s["__key__"] for s in samples] == read_keys(raw)
+    for sample in samples:
+        for region in decode_regions(sample["samlens.npy"], sample["samcat.npy"]):
+            assert region and all(0 <= c < 64 for c in region)
+    assert stats["samples_in"] == 2 == stats["samples_out"] + stats["samples_skipped"]
+    assert stats["counters"]["regions_found"] >= 1

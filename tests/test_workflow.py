@@ -17,8 +17,8 @@ BIN = Path(sys.executable).parent
 SNAKEMAKE = [str(BIN / "snakemake"), "-s", str(REPO / "Snakefile")]
 
 
-def run(args, cwd, timeout=600, check=True):
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+def run(args, cwd, timeout=600, check=True, env=None):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", **(env or {})}
     proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -109,3 +109,60 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
     # the local source re-validates existing shards and keeps their keys
     run(base + ["resources/copy/shards/00001.tar"], cwd=REPO)
     assert read_keys(tmp_path / "resources/copy/shards/00001.tar") == read_keys(tmp_path / "resources/shapes/shards/00001.tar")
+
+
+@pytest.mark.slow
+def test_network_sources_through_the_rules(tmp_path):
+    """img2dataset (split_url_list + fetch_shard) and huggingface, against servers on 127.0.0.1."""
+    from test_download import REPO as HUB_REPO
+    from test_download import FakeHub, LocalServer, _ImageHandler
+
+    exe = Path(os.environ.get("POWERCLIP_IMG2DATASET", REPO / ".venv-img2dataset" / "bin" / "img2dataset"))
+    if not exe.exists():
+        pytest.skip(f"img2dataset is not installed at {exe} (run `make venv`)")
+    images = LocalServer(_ImageHandler)
+    release = tmp_path / "release"
+    release.mkdir()
+    for i in range(2):
+        src = tmp_path / f"src{i}"
+        run(SNAKEMAKE + ["--cores", "1", "--configfile", str(micro_config(tmp_path)), "--directory", str(src),
+                         "resources/shapes/shards/00000.tar"], cwd=REPO)
+        (release / f"part-{i}.tar").write_bytes((src / "resources/shapes/shards/00000.tar").read_bytes())
+    hub = FakeHub({f"part-{i}.tar": (release / f"part-{i}.tar").read_bytes() for i in range(2)})
+    try:
+        base = f"http://127.0.0.1:{images.port}"
+        url_list = tmp_path / "urls.tsv"
+        url_list.write_text(
+            f"{base}/img/red.png\ta red square\n{base}/img/missing.jpg\ta lost picture\n"
+            f"{base}/page.html\tnot an image\n{base}/img/blue.png\ta blue square\n{base}/img/green.jpg\ta green thing\n"
+        )
+        web = {
+            "source": "img2dataset",
+            "num_shards": 2,
+            "img2dataset": {"url_list": str(url_list), "header": False, "samples_per_shard": 3, "image_size": 64,
+                            "executable": str(exe), "timeout": 5, "retries": 0},
+        }
+        hf = {
+            "source": "huggingface",
+            "huggingface": {"repo_id": HUB_REPO, "filename_pattern": "part-{0..1}.tar", "endpoint": hub.endpoint,
+                            "cache_dir": str(tmp_path / "hf_cache")},
+        }
+        config = micro_config(tmp_path, web=web, hub=hf)
+        env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+        targets = ["results/web/phrases/00000.tar", "results/web/phrases/00001.tar", "results/hub/phrases/part-1.tar"]
+        run(SNAKEMAKE + ["--cores", "2", "--configfile", str(config), "--directory", str(tmp_path), *targets],
+            cwd=REPO, env=env)
+    finally:
+        images.close()
+        hub.close()
+    stats = [json.loads((tmp_path / f"resources/web/shards/{s}.stats.json").read_text()) for s in ("00000", "00001")]
+    assert [s["samples_in"] for s in stats] == [3, 2]
+    assert sum(s["samples_out"] for s in stats) == 3
+    assert sum(s["samples_skipped"] for s in stats) == 2
+    for shard in ("00000", "00001"):
+        keys = read_keys(tmp_path / f"resources/web/shards/{shard}.tar")
+        assert keys == read_keys(tmp_path / f"results/web/phrases/{shard}.tar")
+        assert all(k.startswith(f"{shard}_") for k in keys)
+    assert read_keys(tmp_path / "resources/hub/shards/part-1.tar") == read_keys(release / "part-1.tar")
+    assert read_keys(tmp_path / "results/hub/phrases/part-1.tar") == read_keys(release / "part-1.tar")
