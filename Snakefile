@@ -12,6 +12,7 @@ include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/parse_tree.smk"
 include: "rules/segment.smk"
+include: "rules/train.smk"
 
 
 rule all:
@@ -19,3 +20,4 @@ rule all:
     input:
         phrases=all_phrase_sidecars(),
         regions=all_region_sidecars(),
+        checkpoints=all_checkpoints(),

@@ -1,7 +1,10 @@
 # Helpers, config validation and wildcard constraints. Rules live in the other files.
+import shlex
 import sys
 from pathlib import Path
 
+import pandas as pd
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 sys.path.insert(
@@ -18,6 +21,34 @@ if DATASET not in config["datasets"]:
         f"config: dataset {DATASET!r} is not one of datasets: {sorted(config['datasets'])}"
     )
 REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random")
+
+
+def resolve_path(path):
+    """A config path relative to the working directory, or else to the workflow's own directory."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str(Path(workflow.basedir) / path)
+
+
+runs = pd.read_csv(
+    resolve_path(config["runs"]), sep="\t", comment="#", dtype={"run": str}
+).set_index("run", drop=False)
+validate(runs, schema="../schemas/runs.schema.yaml")
+for _run in runs.itertuples():
+    if _run.method == "clip" and (_run.sam_loss_ratio != 0 or _run.regions != "none"):
+        raise ValueError(
+            f"{config['runs']}: run {_run.run!r}: method clip needs sam_loss_ratio 0 and regions none"
+        )
+    if _run.method == "powerclip" and (
+        _run.sam_loss_ratio <= 0 or _run.regions == "none"
+    ):
+        raise ValueError(
+            f"{config['runs']}: run {_run.run!r}: method powerclip needs sam_loss_ratio > 0 and a region source"
+        )
+if runs.index.duplicated().any():
+    raise ValueError(
+        f"{config['runs']}: duplicate run names {sorted(runs.index[runs.index.duplicated()])}"
+    )
 _SHARDS = (
     {}
 )  # filled on first use: a local dataset's files may not exist until a rule makes them
@@ -27,6 +58,7 @@ wildcard_constraints:
     dataset="|".join(config["datasets"]),
     shard=SHARD_NAME.pattern.strip("^$"),
     source="|".join(REGION_SOURCES),
+    run="|".join(runs.index),
 
 
 def get_dataset(wildcards):
@@ -69,3 +101,104 @@ def segment_options(wildcards):
 
 def sam_gpus(wildcards=None):
     return config["segment"].get("gpus", 1)
+
+
+def get_run(wildcards):
+    """A row of the run table as plain Python values (numpy scalars would make params reruns flaky)."""
+    return {
+        k: (v.item() if hasattr(v, "item") else v)
+        for k, v in runs.loc[wildcards.run].items()
+    }
+
+
+def train_inputs(wildcards):
+    run = get_run(wildcards)
+    shards = get_shards(DATASET)
+    inputs = {
+        "shards": expand(f"resources/{DATASET}/shards/{{shard}}.tar", shard=shards)
+    }
+    if run["sam_loss_ratio"] > 0:
+        inputs["phrases"] = expand(
+            f"results/{DATASET}/phrases/{{shard}}.tar", shard=shards
+        )
+        inputs["regions"] = expand(
+            f"results/{DATASET}/regions/{run['regions']}/{{shard}}.tar", shard=shards
+        )
+    return inputs
+
+
+def python_command():
+    """`python` inside a conda env; outside one, the interpreter running Snakemake (no `python` on PATH)."""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return "python"
+    return sys.executable
+
+
+def train_launcher(wildcards):
+    gpus = config["train"].get("gpus", 0)
+    if gpus > 0:
+        return f"torchrun --standalone --nnodes=1 --nproc-per-node={gpus}"
+    return python_command()
+
+
+def train_args(wildcards, output):
+    """Command-line arguments of `python -m powerclip.train` for one run of the table."""
+    run, train = get_run(wildcards), config["train"]
+    shards = get_shards(DATASET)
+    pattern = (
+        f"resources/{DATASET}/shards/{{{','.join(shards)}}}.tar"
+        if len(shards) > 1
+        else f"resources/{DATASET}/shards/{shards[0]}.tar"
+    )
+    gpus = max(train.get("gpus", 0), 1)
+    if train["batch_size"] % gpus:
+        raise ValueError(
+            f"train.batch_size {train['batch_size']} is not divisible by train.gpus {gpus}"
+        )
+    args = [
+        "--train-data", pattern,
+        "--samples-per-epoch", train["samples_per_epoch"],
+        "--epochs", train["epochs"],
+        "--batch-size", train["batch_size"] // gpus,
+        "--workers", train.get("workers", 1),
+        "--model", train["model"],
+        "--vision-pool", run["vision_pool"],
+        "--text-pool", run["text_pool"],
+        "--lr", train["lr"],
+        "--wd", train.get("weight_decay", 0.2),
+        "--warmup", train.get("warmup_steps", 10),
+        "--precision", train.get("precision", "auto"),
+        "--seed", run["seed"],
+        "--threads", train.get("threads", 1),
+        "--max-phrases", train.get("max_phrases", 16),
+        "--sam-loss-ratio", run["sam_loss_ratio"],
+        "--sam-regions-topk", run["topk"],
+        "--sam-regions-topk-random", run["topk_random"],
+        "--use-parse-phrases", run["use_parse_phrases"],
+        "--softplus-scoring", run["softplus_scoring"],
+        "--softplus-tau", run["softplus_tau"],
+        "--softplus-alpha", run["softplus_alpha"],
+        "--save-every", train.get("save_every_steps", 100),
+        "--log-every", train.get("log_every_steps", 10),
+        "--checkpoint", output.checkpoint,
+        "--metrics", output.metrics,
+        "--work-dir", f"results/runs/{wildcards.run}/work",
+    ]  # fmt: skip
+    if run["sam_loss_ratio"] > 0:
+        args += [
+            "--phrases-dir",
+            f"results/{DATASET}/phrases",
+            "--regions-dir",
+            f"results/{DATASET}/regions/{run['regions']}",
+        ]
+    if train.get("grad_checkpointing"):
+        args.append("--grad-checkpointing")
+    if train.get("tensorboard"):
+        args.append("--tensorboard")
+    if train.get("gpus", 0) > 1:
+        args.append("--gather-with-grad")
+    return " ".join(shlex.quote(str(a)) for a in args)
+
+
+def all_checkpoints():
+    return expand("results/runs/{run}/checkpoint.pt", run=runs.index)

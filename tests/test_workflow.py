@@ -29,6 +29,7 @@ def micro_config(tmp_path, **datasets):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["datasets"]["shapes"]["num_shards"] = 2
     cfg["datasets"]["shapes"]["synthetic"]["samples_per_shard"] = 24
+    cfg["train"].update(samples_per_epoch=32, epochs=2, batch_size=16, warmup_steps=1, save_every_steps=1, log_every_steps=1)
     cfg["datasets"].update(datasets)
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -103,6 +104,15 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
             assert stats["samples_in"] == stats["samples_out"] + stats["samples_skipped"] == 24
         for log in ("fetch_shard", "parse_shard"):
             assert (tmp_path / f"logs/{log}/shapes/{shard}.log").read_text().strip()
+    from powerclip.model import load_model
+
+    for name in ("clip", "powerclip"):
+        model = load_model(tmp_path / f"results/runs/{name}/checkpoint.pt")
+        assert model.visual.pool_type == "avg"
+        rows = (tmp_path / f"results/runs/{name}/metrics.csv").read_text().splitlines()
+        assert len(rows) == 1 + 4  # header + 2 epochs x 2 steps
+        assert (tmp_path / f"logs/train/{name}.log").exists()
+        assert (tmp_path / f"results/runs/{name}/checkpoint.pt").stat().st_mode & 0o222 == 0  # protected
     # nothing left to do on a second run
     again = run(base + ["-n", "all"], cwd=REPO)
     assert "Nothing to be done" in again.stdout + again.stderr

@@ -1,0 +1,239 @@
+"""Training data: raw shards joined with their phrase and region sidecars, as padded index tensors.
+
+Sources of a training shard (:class:`ShardSpec`): a raw shard plus sidecars (the workflow's layout,
+joined key by key), or a *combined* shard in the official PowerCLIP format (``njson``, ``samlens.npy``
+and ``samcat.npy`` inside the same tar). A key missing from a sidecar, or out of order, is an error that
+names the shard and the key.
+
+The stream follows open_clip's ``--dataset-resampled`` practice: every (rank, worker) draws shards with
+replacement from the whole list, with its own seeded RNG, and a sample shuffle buffer mixes shards.
+Everything random (shard draws, shuffle buffer, random top-k regions) is a function of
+(seed, epoch, rank, worker) or (seed, epoch, key), so an epoch's batches are reproducible: the trainer
+resumes mid-epoch by rebuilding the epoch's stream and skipping the batches already consumed.
+
+Images get open_clip's evaluation transform (resize the shorter side, centre crop, normalise) so that the
+patch grid the regions were mapped onto (:class:`powerclip.regions.PatchGrid`) is exactly the model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from powerclip.csr import decode_njson, decode_regions
+from powerclip.shards import IMAGE_EXTENSIONS, decode_image, image_field, iter_samples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    raw: str
+    phrases: str | None = None  # None: the phrases are inside the raw shard (combined format)
+    regions: str | None = None  # None: the regions are inside the raw shard (combined format)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    image_size: int = 64
+    context_length: int = 77
+    topk: int = 5  # regions per image (the loss's M)
+    topk_random: bool = False  # sample k regions at random instead of the k largest
+    max_phrases: int = 16  # phrases per caption fed to the loss (the first ones in stored order)
+    use_parse_phrases: bool = True  # False: every content token is its own phrase
+    use_regions: bool = True  # False (plain CLIP): regions and phrases are not read at all
+    shuffle_buffer: int = 1000
+    shuffle_initial: int = 100
+    seed: int = 0
+
+
+class MissingSidecarError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+def joined_samples(spec: ShardSpec, with_regions: bool = True) -> Iterator[dict]:
+    """Raw samples of a shard with their sidecar fields merged in, key by key, in shard order."""
+    needed = set(IMAGE_EXTENSIONS) | {"txt"}
+    if with_regions:
+        needed |= {"njson", "samlens.npy", "samcat.npy"}
+    raw = iter_samples(spec.raw, fields=needed)
+    sidecars = []
+    if with_regions:
+        sidecars = [
+            (path, iter_samples(path, fields=fields))
+            for path, fields in ((spec.phrases, {"njson"}), (spec.regions, {"samlens.npy", "samcat.npy"}))
+            if path is not None
+        ]
+    for sample in raw:
+        key = sample["__key__"]
+        for path, stream in sidecars:
+            other = next(stream, None)
+            if other is None or other["__key__"] != key:
+                found = "ends" if other is None else f"has {other['__key__']!r} there"
+                raise MissingSidecarError(
+                    f"sidecar {path} does not match raw shard {spec.raw}: sample {key!r} missing ({found}); "
+                    "rebuild the sidecar (delete it and rerun the workflow)"
+                )
+            sample.update({k: v for k, v in other.items() if k != "__key__"})
+        if with_regions:
+            for field in ("njson", "samlens.npy", "samcat.npy"):
+                if field not in sample:
+                    raise MissingSidecarError(f"{spec.raw}: sample {key!r} has no {field!r} (no sidecar given)")
+        sample["__shard__"] = spec.raw
+        yield sample
+    for path, stream in sidecars:
+        extra = next(stream, None)
+        if extra is not None:
+            raise MissingSidecarError(f"sidecar {path} has sample {extra['__key__']!r} that raw shard {spec.raw} lacks")
+
+
+def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, zlib.crc32(key.encode("utf-8"))])
+
+
+def select_regions(regions: list[list[int]], k: int, randomly: bool, rng: np.random.Generator | None) -> list[list[int]]:
+    """The k largest regions (stored order is by descending area), or k drawn at random."""
+    if len(regions) <= k:
+        return regions
+    if randomly:
+        chosen = sorted(rng.choice(len(regions), size=k, replace=False).tolist())
+        return [regions[i] for i in chosen]
+    return regions[:k]
+
+
+def token_phrases(num_tokens: int, context_length: int) -> list[list[int]]:
+    """Every content token as its own phrase (positions 1..n; 0 is start-of-text)."""
+    last = min(num_tokens, context_length - 2)
+    return [[i] for i in range(1, last + 1)]
+
+
+class SampleProcessor:
+    """Decoded, transformed, tokenised sample from a joined raw sample."""
+
+    def __init__(self, cfg: DataConfig, epoch: int = 0):
+        import open_clip
+        from open_clip.transform import image_transform
+
+        self.cfg = cfg
+        self.epoch = epoch
+        self.transform = image_transform(cfg.image_size, is_train=False)
+        self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.context_length)
+
+    def __call__(self, sample: dict) -> dict:
+        key, shard = sample["__key__"], sample.get("__shard__")
+        try:
+            image = decode_image(sample[image_field(sample)])
+            caption = sample["txt"].decode("utf-8")
+        except Exception as exc:
+            raise ValueError(f"{shard}: sample {key!r} cannot be decoded ({exc}); fetch the shard again") from exc
+        text = self.tokenizer([caption])[0]
+        out = {"key": key, "image": self.transform(image), "text": text, "regions": [], "phrases": []}
+        if not self.cfg.use_regions:
+            return out
+        rng = sample_rng(self.cfg.seed, self.epoch, key)
+        regions = decode_regions(sample["samlens.npy"], sample["samcat.npy"])
+        out["regions"] = select_regions(regions, self.cfg.topk, self.cfg.topk_random, rng)
+        if self.cfg.use_parse_phrases:
+            phrases = decode_njson(sample["njson"])
+        else:
+            phrases = token_phrases(int((text != 0).sum()) - 2, self.cfg.context_length)
+        out["phrases"] = phrases[: self.cfg.max_phrases]
+        return out
+
+
+def pad_groups(groups: Sequence[Sequence[Sequence[int]]], slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sample lists of index lists -> (index (B, slots, C), member mask (B, slots, C), slot mask (B, slots))."""
+    width = max([len(g) for sample in groups for g in sample] + [1])
+    index = torch.zeros(len(groups), slots, width, dtype=torch.long)
+    member = torch.zeros(len(groups), slots, width, dtype=torch.bool)
+    for b, sample in enumerate(groups):
+        for k, group in enumerate(sample[:slots]):
+            index[b, k, : len(group)] = torch.as_tensor(group, dtype=torch.long)
+            member[b, k, : len(group)] = True
+    return index, member, member.any(-1)
+
+
+def collate(samples: Sequence[dict], cfg: DataConfig) -> dict:
+    batch = {
+        "key": [s["key"] for s in samples],
+        "image": torch.stack([s["image"] for s in samples]),
+        "text": torch.stack([s["text"] for s in samples]),
+    }
+    if cfg.use_regions:
+        batch["region_index"], batch["region_cells"], batch["region_mask"] = pad_groups([s["regions"] for s in samples], cfg.topk)
+        batch["phrase_index"], batch["phrase_tokens"], batch["phrase_mask"] = pad_groups(
+            [s["phrases"] for s in samples], cfg.max_phrases
+        )
+    return batch
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of batches for one rank (and each of its DataLoader workers)."""
+
+    def __init__(self, specs: Sequence[ShardSpec], cfg: DataConfig, batch_size: int, epoch: int = 0, rank: int = 0):
+        super().__init__()
+        if not specs:
+            raise ValueError("no training shards given")
+        self.specs, self.cfg, self.batch_size, self.epoch, self.rank = list(specs), cfg, batch_size, epoch, rank
+
+    def _samples(self, worker: int) -> Iterator[dict]:
+        import webdataset as wds
+
+        shard_rng = random.Random(f"shards/{self.cfg.seed}/{self.epoch}/{self.rank}/{worker}")
+
+        def draws():
+            while True:
+                yield self.specs[shard_rng.randrange(len(self.specs))]
+
+        def samples(specs):
+            for spec in specs:
+                yield from joined_samples(spec, with_regions=self.cfg.use_regions)
+
+        shuffle_seed = f"samples/{self.cfg.seed}/{self.epoch}/{self.rank}/{worker}"
+        stream = wds.filters._shuffle(
+            samples(draws()), self.cfg.shuffle_buffer, self.cfg.shuffle_initial, rng=random.Random(shuffle_seed)
+        )
+        process = SampleProcessor(self.cfg, self.epoch)
+        for sample in stream:
+            yield process(sample)
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info is not None else 0
+        batch: list[dict] = []
+        for sample in self._samples(worker):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield collate(batch, self.cfg)
+                batch = []
+
+
+def make_loader(
+    specs: Sequence[ShardSpec], cfg: DataConfig, batch_size: int, epoch: int = 0, rank: int = 0, workers: int = 0
+) -> torch.utils.data.DataLoader:
+    """Endless batches for one rank; with several workers, batches alternate between them in order."""
+    stream = ShardStream(specs, cfg, batch_size, epoch, rank)
+    return torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None
+    )
+
+
+def workflow_shards(dataset: str, shards: Sequence[str], region_source: str | None, root: str = ".") -> list[ShardSpec]:
+    """ShardSpecs of the workflow's layout (raw shard + phrases + regions of one source)."""
+    specs = []
+    for shard in shards:
+        raw = f"{root}/resources/{dataset}/shards/{shard}.tar"
+        if region_source is None:
+            specs.append(ShardSpec(raw))
+        else:
+            specs.append(
+                ShardSpec(raw, f"{root}/results/{dataset}/phrases/{shard}.tar", f"{root}/results/{dataset}/regions/{region_source}/{shard}.tar")
+            )
+    return specs
