@@ -111,13 +111,18 @@ def get_run(wildcards):
     }
 
 
+def uses_sidecars(run):
+    """Regions/phrases from the workflow's sidecars; `embedded` = inside combined-format shards."""
+    return run["sam_loss_ratio"] > 0 and run["regions"] != "embedded"
+
+
 def train_inputs(wildcards):
     run = get_run(wildcards)
     shards = get_shards(DATASET)
     inputs = {
         "shards": expand(f"resources/{DATASET}/shards/{{shard}}.tar", shard=shards)
     }
-    if run["sam_loss_ratio"] > 0:
+    if uses_sidecars(run):
         inputs["phrases"] = expand(
             f"results/{DATASET}/phrases/{{shard}}.tar", shard=shards
         )
@@ -184,7 +189,7 @@ def train_args(wildcards, output):
         "--metrics", output.metrics,
         "--work-dir", f"results/runs/{wildcards.run}/work",
     ]  # fmt: skip
-    if run["sam_loss_ratio"] > 0:
+    if uses_sidecars(run):
         args += [
             "--phrases-dir",
             f"results/{DATASET}/phrases",
