@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -78,10 +79,25 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+# The header numpy writes for a 1-d array: {'descr': '<i2', 'fortran_order': False, 'shape': (12,), }
+_NPY_1D_HEADER = re.compile(rb"\{'descr': '([<|][iu][1248])', 'fortran_order': False, 'shape': \((\d*),?\), \}")
+
+
 def npy_load(payload: bytes | np.ndarray) -> np.ndarray:
-    """``.npy`` bytes (or an already decoded array) -> array, never unpickling."""
+    """``.npy`` bytes (or an already decoded array) -> array, never unpickling.
+
+    The training loader reads two small arrays per sample; ``np.load`` parses each header with
+    ``ast.literal_eval``, which costs more than the rest of the sample. Version-1 headers of 1-d integer
+    arrays (what ``region_arrays`` writes) are parsed directly; anything else goes through ``np.load``.
+    """
     if isinstance(payload, np.ndarray):
         return payload
+    if payload[:8] == b"\x93NUMPY\x01\x00":
+        header_len = int.from_bytes(payload[8:10], "little")
+        match = _NPY_1D_HEADER.match(payload, 10, 10 + header_len)
+        if match is not None:
+            count = int(match.group(2) or 0)
+            return np.frombuffer(payload, dtype=np.dtype(match.group(1).decode()), count=count, offset=10 + header_len)
     return np.load(io.BytesIO(payload), allow_pickle=False)
 
 

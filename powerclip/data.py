@@ -151,13 +151,14 @@ class SampleProcessor:
 def pad_groups(groups: Sequence[Sequence[Sequence[int]]], slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample lists of index lists -> (index (B, slots, C), member mask (B, slots, C), slot mask (B, slots))."""
     width = max([len(g) for sample in groups for g in sample] + [1])
-    index = torch.zeros(len(groups), slots, width, dtype=torch.long)
-    member = torch.zeros(len(groups), slots, width, dtype=torch.bool)
+    index = np.zeros((len(groups), slots, width), dtype=np.int64)
+    member = np.zeros((len(groups), slots, width), dtype=bool)
     for b, sample in enumerate(groups):
         for k, group in enumerate(sample[:slots]):
-            index[b, k, : len(group)] = torch.as_tensor(group, dtype=torch.long)
+            index[b, k, : len(group)] = group
             member[b, k, : len(group)] = True
-    return index, member, member.any(-1)
+    member_t = torch.from_numpy(member)
+    return torch.from_numpy(index), member_t, member_t.any(-1)
 
 
 def collate(samples: Sequence[dict], cfg: DataConfig) -> dict:

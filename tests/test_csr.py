@@ -53,3 +53,18 @@ def test_empty_regions_entry():
     lengths, indices = csr.region_arrays([], num_cells=196)
     assert lengths.shape == (0,) and indices.shape == (0,)
     assert csr.decode_regions(csr.npy_bytes(lengths), csr.npy_bytes(indices)) == []
+
+
+@pytest.mark.parametrize(
+    "array",
+    [np.zeros(0, np.int16), np.arange(5, dtype=np.int16), np.arange(70000, dtype=np.int32),
+     np.arange(6, dtype=np.int64).reshape(2, 3), np.arange(3, dtype=np.float32), np.arange(4, dtype=">i4")],
+)  # fmt: skip
+def test_npy_load_matches_numpy(array, monkeypatch):
+    payload = csr.npy_bytes(array)
+    expected = np.load(__import__("io").BytesIO(payload))
+    out = csr.npy_load(payload)
+    assert out.dtype == expected.dtype and out.shape == expected.shape and np.array_equal(out, expected)
+    if array.ndim == 1 and array.dtype.kind in "iu" and array.dtype.byteorder != ">":
+        monkeypatch.setattr(np, "load", None)  # the fast path must not need np.load
+        assert np.array_equal(csr.npy_load(payload), expected)
