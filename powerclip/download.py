@@ -785,3 +785,54 @@ def fetch_huggingface_shard(
     if not keep_cache:
         _remove_cached(path)
     return result
+
+
+# --------------------------------------------------------------------------------------------------------
+# Model checkpoints (SAM, SAM 2)
+# --------------------------------------------------------------------------------------------------------
+
+
+def fetch_checkpoint(
+    url: str,
+    out_path: str | os.PathLike,
+    sha256: str | None = None,
+    retries: int = 3,
+    backoff_s: float = 2.0,
+    timeout_s: float = 60.0,
+) -> str:
+    """Download a checkpoint file atomically and verify it; returns its sha256.
+
+    ``sha256`` may be the full digest or a prefix of it (PyTorch-hub style: SAM's
+    ``sam_vit_h_4b8939.pth`` carries the first six hex digits in its name). A mismatch removes the file
+    and is retried like a network error; the last failure raises DownloadError naming the URL.
+    """
+    import urllib.error
+    import urllib.request
+
+    from powerclip.shards import atomic_output
+
+    expected = (sha256 or "").lower() or None
+    last: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            with atomic_output(out_path) as tmp:
+                digest = hashlib.sha256()
+                with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
+                    while chunk := response.read(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+                got = digest.hexdigest()
+                if expected is not None and not got.startswith(expected):
+                    raise DownloadError(f"{url}: sha256 {got} does not match the expected {expected}")
+            log.info("fetched %s -> %s (sha256 %s)", url, out_path, got)
+            return got
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403, 404):
+                raise DownloadError(f"{url}: HTTP {exc.code}; check the checkpoint URL in the config") from exc
+            last = exc
+        except (OSError, DownloadError) as exc:
+            last = exc
+        log.warning("checkpoint download %s failed (attempt %d of %d): %s", url, attempt, retries, last)
+        if attempt < retries:
+            time.sleep(backoff_s * attempt)
+    raise DownloadError(f"could not fetch {url} after {retries} attempts: {last}")

@@ -59,6 +59,7 @@ wildcard_constraints:
     shard=SHARD_NAME.pattern.strip("^$"),
     source="|".join(REGION_SOURCES),
     run="|".join(runs.index),
+    checkpoint="|".join(config.get("checkpoints", {})) or "no-checkpoint-is-configured",
 
 
 def get_dataset(wildcards):
@@ -207,3 +208,13 @@ def train_args(wildcards, output):
 
 def all_checkpoints():
     return expand("results/runs/{run}/checkpoint.pt", run=runs.index)
+
+
+def segmenter_checkpoint(source):
+    """The SAM/SAM2 checkpoint as an input: fetched by fetch_checkpoint when `checkpoints:` lists it."""
+
+    def inputs(wildcards):
+        path = config["segment"].get(source, {}).get("checkpoint")
+        return {"checkpoint": path} if path else {}
+
+    return inputs

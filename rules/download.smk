@@ -1,3 +1,11 @@
+# Downloads need the internet, which compute nodes often lack: on a cluster these rules run where
+# Snakemake runs (the login node), not as SLURM jobs.
+localrules:
+    split_url_list,
+    fetch_shard,
+    fetch_checkpoint,
+
+
 rule split_url_list:
     input:
         url_list=lambda w: get_dataset(w)["img2dataset"]["url_list"],
@@ -30,3 +38,17 @@ rule fetch_shard:
         dataset=get_dataset,
     script:
         "../workflow_scripts/fetch_shard.py"
+
+
+rule fetch_checkpoint:
+    output:
+        checkpoint="resources/checkpoints/{checkpoint}",
+    log:
+        "logs/fetch_checkpoint/{checkpoint}.log",
+    retries: 1
+    conda:
+        "../envs/download.yaml"
+    params:
+        spec=lambda w: config["checkpoints"][w.checkpoint],
+    script:
+        "../workflow_scripts/fetch_checkpoint.py"

@@ -26,6 +26,7 @@ rule segment_shard:
 
 rule segment_shard_sam:
     input:
+        unpack(segmenter_checkpoint("sam")),
         shard="resources/{dataset}/shards/{shard}.tar",
     output:
         regions="results/{dataset}/regions/sam/{shard}.tar",
@@ -51,6 +52,7 @@ rule segment_shard_sam:
 
 rule segment_shard_sam2:
     input:
+        unpack(segmenter_checkpoint("sam2")),
         shard="resources/{dataset}/shards/{shard}.tar",
     output:
         regions="results/{dataset}/regions/sam2/{shard}.tar",

@@ -710,3 +710,47 @@ def test_huggingface_offline_uses_verified_cache(hf_env, tmp_path, combined_shar
     assert again["sha256"] == first["sha256"] and again["commit"] == COMMIT and stats.samples_out == 3
     with pytest.raises(DownloadError, match="HF_HUB_OFFLINE"):
         fetch_huggingface_shard(REPO, "train/00001.tar", tmp_path / "c.tar", new_stats(), cache_dir=hf_env)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_fetch_checkpoint_verifies_and_retries(tmp_path, monkeypatch):
+    import hashlib as _hashlib
+
+    from powerclip.download import fetch_checkpoint
+
+    payload = b"weights" * 1000
+    digest = _hashlib.sha256(payload).hexdigest()
+    served = {"n": 0, "corrupt_first": 1}
+
+    class Handler(_QuietHandler):
+        def do_GET(self):
+            if self.path != "/sam_vit_x.pth":
+                self.send_error(404)
+                return
+            served["n"] += 1
+            body = payload
+            if served["corrupt_first"] > 0:
+                served["corrupt_first"] -= 1
+                body = b"X" + payload[1:]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = LocalServer(Handler)
+    base = f"http://127.0.0.1:{server.port}"
+    try:
+        out = tmp_path / "ckpt" / "sam_vit_x.pth"
+        got = fetch_checkpoint(f"{base}/sam_vit_x.pth", out, sha256=digest[:6], backoff_s=0)
+        assert got == digest and out.read_bytes() == payload and served["n"] == 2  # first copy was corrupt
+        served["corrupt_first"] = 5
+        with pytest.raises(DownloadError, match="after 2 attempts"):
+            fetch_checkpoint(f"{base}/sam_vit_x.pth", tmp_path / "bad.pth", sha256=digest, retries=2, backoff_s=0)
+        assert not (tmp_path / "bad.pth").exists()
+        with pytest.raises(DownloadError, match="HTTP 404"):
+            fetch_checkpoint(f"{base}/missing.pth", tmp_path / "missing.pth", backoff_s=0)
+        assert list(tmp_path.glob("*.part")) == [] and list((tmp_path / "ckpt").iterdir()) == [out]
+    finally:
+        server.close()

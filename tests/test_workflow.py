@@ -64,6 +64,8 @@ def test_dry_run_of_sam_targets_names_gpu_rules(tmp_path):
     proc = dry_run(tmp_path, "results/shapes/regions/sam/00000.tar", "results/shapes/regions/sam2/00001.tar")
     assert "rule segment_shard_sam:" in proc.stdout and "rule segment_shard_sam2:" in proc.stdout
     assert "gpu=1" in proc.stdout
+    # the checkpoints are inputs, fetched first
+    assert "resources/checkpoints/sam_vit_h_4b8939.pth" in proc.stdout and "fetch_checkpoint" in proc.stdout
 
 
 def test_invalid_config_fails_at_parse_time(tmp_path):
