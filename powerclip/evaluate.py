@@ -12,11 +12,13 @@
   the number of shards (webdataset 1.0.2 raises "No samples found" otherwise), writes the JSON atomically and
   returns it.
 * For ``image_caption_selection`` it adds three metrics next to clip-benchmark's ``acc``/``text_acc``/
-  ``image_acc``: clip-benchmark picks ``argmax`` over the captions with the positive at index 0, so an
-  exact tie counts as correct (an order-insensitive text encoder scores 100 % on word-swap negatives).
-  ``text_acc_strict`` (positive strictly above every negative), ``text_acc_ties_split`` (a tie among m
-  maxima earns 1/m; chance = 50 % for one negative) and ``tie_rate`` are computed in a second pass over the
-  same data loader with the same arithmetic, so clip-benchmark's own numbers stay untouched.
+  ``image_acc`` (``image_acc`` is always 1 with one image per item). clip-benchmark takes ``argmax`` over
+  the captions with the positive at index 0, so an exact tie counts as correct, and its ``image @ texts.T``
+  matmul turns some exact ties into 1-ulp differences either way: an order-insensitive text encoder scores
+  near 100 %, not 50 %, on word-swap negatives. ``text_acc_strict`` (positive strictly above every
+  negative), ``text_acc_ties_split`` (a tie among m maxima earns 1/m, ties also detected as bit-identical
+  text embeddings; chance = 50 % for one negative) and ``tie_rate`` come from a second pass over the same
+  data loader with the same arithmetic; clip-benchmark's own numbers stay untouched.
 
 CLI::
 
@@ -38,7 +40,7 @@ import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import open_clip
 import torch
@@ -203,6 +205,14 @@ def register_loaders() -> None:
 
 
 # ------------------------------------------------------------------- caption-selection extra metrics
+class SelectionScores(NamedTuple):
+    """Per-item image-caption similarities (N, C), positive caption in column 0, and ``identical`` (N, C):
+    caption c's normalised embedding is bit-identical to the positive's (the model cannot tell them apart)."""
+
+    scores: torch.Tensor
+    identical: torch.Tensor
+
+
 @torch.no_grad()
 def caption_selection_scores(
     model: nn.Module,
@@ -210,14 +220,18 @@ def caption_selection_scores(
     tokenizer: Callable[..., torch.Tensor],
     device: str | torch.device = "cpu",
     amp: bool = False,
-) -> torch.Tensor:
-    """Image-caption similarities (N, captions per item), positive first, one image per item.
+) -> SelectionScores:
+    """Image-caption similarities for one-image items, computed exactly as clip-benchmark computes them.
 
     The arithmetic mirrors ``clip_benchmark.metrics.image_caption_selection.evaluate`` step by step (same
-    autocast, normalisation, per-item ``image @ texts.T``), so a tie here is a tie there.
+    autocast, normalisation, per-item ``image @ texts.T``), so ``argmax`` here is its ``argmax``. That
+    matmul does not give bit-identical columns for identical text embeddings (BLAS accumulates columns
+    differently; observed: 1-ulp differences for ~10 % of identical pairs at D=49408), so exact ties are
+    recorded separately, from the embeddings, in ``identical``.
     """
     device_type = torch.device(device).type
     rows: list[torch.Tensor] = []
+    same: list[torch.Tensor] = []
     for batch_images, batch_texts in dataloader:
         if batch_images.dim() != 4:
             raise ValueError("caption_selection_scores expects one image per item (B, C, H, W)")
@@ -231,24 +245,32 @@ def caption_selection_scores(
             texts_emb = F.normalize(model.encode_text(tokens), dim=-1).view(batch_size, nt, -1)
         for i in range(batch_size):
             rows.append((images_emb[i] @ texts_emb[i].t())[0].float().cpu())
+            same.append((texts_emb[i] == texts_emb[i, :1]).all(dim=-1).cpu())
     if not rows:
         raise ValueError("no items")
-    return torch.stack(rows)
+    return SelectionScores(torch.stack(rows), torch.stack(same))
 
 
-def selection_metrics(scores: torch.Tensor) -> dict[str, float]:
-    """Tie-aware accuracies from (N, C) scores with the positive caption in column 0.
+def selection_metrics(scores: torch.Tensor | SelectionScores, identical: torch.Tensor | None = None) -> dict[str, float]:
+    """Accuracies from (N, C) scores with the positive caption in column 0.
 
-    ``text_acc_cb`` reproduces clip-benchmark's ``text_acc`` (argmax, first index wins ties);
-    ``text_acc_strict``: positive strictly above every negative; ``text_acc_ties_split``: a tie among m
-    maxima that includes the positive earns 1/m; ``tie_rate``: positive tied with a negative at the max.
+    ``text_acc_cb`` reproduces clip-benchmark's ``text_acc`` (argmax; the first index, the positive, wins
+    exact ties). The tie-aware ones treat a caption as tied with the positive when its score is equal or
+    its embedding is identical (``identical``): ``text_acc_strict`` positive strictly above every negative;
+    ``text_acc_ties_split`` a tie among m maxima that includes the positive earns 1/m (chance is 1/C);
+    ``tie_rate`` the positive tied with some negative at the maximum.
     """
+    if isinstance(scores, SelectionScores):
+        scores, identical = scores
+    cb = (scores.argmax(dim=1) == 0).float().mean().item()
+    if identical is not None:
+        scores = torch.where(identical, scores[:, :1], scores)
     best = scores.max(dim=1, keepdim=True).values
     at_max = scores == best
     positive_at_max = at_max[:, 0]
     n_max = at_max.sum(dim=1).float()
     return {
-        "text_acc_cb": (scores.argmax(dim=1) == 0).float().mean().item(),
+        "text_acc_cb": cb,
         "text_acc_strict": (positive_at_max & (n_max == 1)).float().mean().item(),
         "text_acc_ties_split": torch.where(positive_at_max, 1.0 / n_max, torch.zeros_like(n_max)).mean().item(),
         "tie_rate": (positive_at_max & (n_max > 1)).float().mean().item(),
@@ -513,6 +535,7 @@ __all__ = [
     "patch_accuracy",
     "register_loaders",
     "run_benchmark",
+    "SelectionScores",
     "selection_metrics",
     "suite_task",
 ]

@@ -350,5 +350,8 @@ def main(argv=None) -> dict:
 if __name__ == "__main__":
     import sys
 
+    from powerclip.logs import record_imports
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    record_imports("train")
     main(sys.argv[1:])

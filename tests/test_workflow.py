@@ -36,6 +36,18 @@ def micro_config(tmp_path, **datasets):
     return path
 
 
+def test_every_rule_names_an_existing_env():
+    from envcheck import rule_envs
+
+    envs = rule_envs()
+    assert {"fetch_shard", "parse_shard", "segment_shard", "segment_shard_sam", "train"} <= set(envs)
+    for rule, env in envs.items():
+        if rule == "all":
+            continue
+        assert env is not None and env.exists(), f"rule {rule} names no existing conda env ({env})"
+        assert env.parent == REPO / "envs"
+
+
 def test_lint():
     proc = run([str(BIN / "snakemake"), "--lint"], cwd=REPO, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -82,7 +94,8 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
     local = {"source": "local", "local": {"pattern": str(tmp_path / "resources/shapes/shards/*.tar")}}
     config = micro_config(tmp_path, copy=local)
     base = SNAKEMAKE + ["--cores", "2", "--configfile", str(config), "--directory", str(tmp_path)]
-    run(base + ["all"], cwd=REPO)
+    imports = tmp_path / "imports"
+    run(base + ["all"], cwd=REPO, env={"POWERCLIP_RECORD_IMPORTS": str(imports)})
     shards = ["00000", "00001"]
     for shard in shards:
         raw = tmp_path / f"resources/shapes/shards/{shard}.tar"
@@ -115,6 +128,13 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
         assert len(rows) == 1 + 4  # header + 2 epochs x 2 steps
         assert (tmp_path / f"logs/train/{name}.log").exists()
         assert (tmp_path / f"results/runs/{name}/checkpoint.pt").stat().st_mode & 0o222 == 0  # protected
+    # every job's imports are provided by its rule's conda env
+    from envcheck import check_recorded
+
+    assert {json.loads(p.read_text())["rule"] for p in imports.glob("*.json")} == {
+        "fetch_shard", "parse_shard", "segment_shard", "train"
+    }  # fmt: skip
+    assert check_recorded(imports) == {}
     # nothing left to do on a second run
     again = run(base + ["-n", "all"], cwd=REPO)
     assert "Nothing to be done" in again.stdout + again.stderr
@@ -160,7 +180,7 @@ def test_network_sources_through_the_rules(tmp_path):
                             "cache_dir": str(tmp_path / "hf_cache")},
         }
         config = micro_config(tmp_path, web=web, hub=hf)
-        env = {"HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+        env = {"POWERCLIP_RECORD_IMPORTS": str(tmp_path / "imports"), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
                "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
         targets = ["results/web/phrases/00000.tar", "results/web/phrases/00001.tar", "results/hub/phrases/part-1.tar"]
         run(SNAKEMAKE + ["--cores", "2", "--configfile", str(config), "--directory", str(tmp_path), *targets],
@@ -178,3 +198,6 @@ def test_network_sources_through_the_rules(tmp_path):
         assert all(k.startswith(f"{shard}_") for k in keys)
     assert read_keys(tmp_path / "resources/hub/shards/part-1.tar") == read_keys(release / "part-1.tar")
     assert read_keys(tmp_path / "results/hub/phrases/part-1.tar") == read_keys(release / "part-1.tar")
+    from envcheck import check_recorded
+
+    assert check_recorded(tmp_path / "imports") == {}
