@@ -57,15 +57,29 @@ from powerclip.model import (
     unwrap_model,
 )
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("powerclip.evaluate")  # not __name__: the same name under `python -m`
 
 MODEL_TYPE = "powerclip"
 TASKS = ("zeroshot_classification", "zeroshot_retrieval", "image_caption_selection", "linear_probe", "auto")
 SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
 # run_benchmark owns these clip-benchmark options; a second copy in extra_args would silently win.
 RESERVED_ARGS = frozenset(
-    {"--model_type", "--model", "--pretrained", "--pretrained_model", "--dataset", "--dataset_root", "--output",
-     "--task", "--split", "--test_split", "--batch_size", "--num_workers", "--recall_k", "--no_amp"}
+    {
+        "--model_type",
+        "--model",
+        "--pretrained",
+        "--pretrained_model",
+        "--dataset",
+        "--dataset_root",
+        "--output",
+        "--task",
+        "--split",
+        "--test_split",
+        "--batch_size",
+        "--num_workers",
+        "--recall_k",
+        "--no_amp",
+    }
 )
 
 _LOCK = threading.RLock()
@@ -133,7 +147,8 @@ def is_powerclip_checkpoint(obj: Any) -> bool:
 
 
 def checkpoint_model_name(pretrained: str | os.PathLike[str]) -> str | None:
-    """The model name recorded in one of our checkpoints (None for released weights or hub ids)."""
+    """The architecture to pass as ``--model``: recorded in our checkpoints, the id itself for hf-hub/local-dir
+    ids, None for released weight files (their architecture must be given)."""
     pretrained = str(pretrained)
     if pretrained.startswith(SCHEMA_PREFIXES):
         return pretrained
@@ -141,6 +156,27 @@ def checkpoint_model_name(pretrained: str | os.PathLike[str]) -> str | None:
         return None
     obj = _load_file(pretrained)
     return obj["powerclip_cfg"]["model_name"] if is_powerclip_checkpoint(obj) else None
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str) -> None:
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init_warning() -> Iterator[None]:
+    """Hide open_clip's "Model initialized randomly" while rebuilding a checkpoint whose weights follow."""
+    root = logging.getLogger()
+    flt = _DropMessage("initialized randomly")
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def load_powerclip(
@@ -171,8 +207,11 @@ def load_powerclip(
         if model_name and model_name != name:
             log.warning("%s was trained as %r; ignoring model name %r", pretrained, name, model_name)
         # rebuilt with the pools it was trained with (the run table may ablate them)
-        model = load_model(checkpoint)
-        log.info("rebuilt %s from %s (vision_pool=%s, text_pool=%s)", name, pretrained, cfg["vision_pool"], cfg["text_pool"])
+        with _quiet_random_init_warning():
+            model = load_model(checkpoint)
+        log.info(
+            "rebuilt %s from %s (vision_pool=%s, text_pool=%s)", name, pretrained, cfg["vision_pool"], cfg["text_pool"]
+        )
     else:
         del checkpoint  # open_clip reads the file itself (and handles 'state_dict' / 'module.' keys)
         if hub_id is not None:
@@ -251,7 +290,9 @@ def caption_selection_scores(
     return SelectionScores(torch.stack(rows), torch.stack(same))
 
 
-def selection_metrics(scores: torch.Tensor | SelectionScores, identical: torch.Tensor | None = None) -> dict[str, float]:
+def selection_metrics(
+    scores: torch.Tensor | SelectionScores, identical: torch.Tensor | None = None
+) -> dict[str, float]:
     """Accuracies from (N, C) scores with the positive caption in column 0.
 
     ``text_acc_cb`` reproduces clip-benchmark's ``text_acc`` (argmax; the first index, the positive, wins
@@ -401,7 +442,10 @@ def run_benchmark(
     an ``hf-hub:`` id. ``task``: a clip-benchmark task, or None/"auto" (a powerclip suite's ``meta.json``
     names its task; otherwise clip-benchmark's own inference). ``device``: auto/cpu/cuda ("cpu" hides CUDA
     from clip-benchmark's device choice). ``amp``: None = on for CUDA, off on CPU (CPU autocast would be
-    bf16). ``extra_args`` go to clip-benchmark verbatim (e.g. ``["--dump_classnames"]``).
+    bf16). ``extra_args`` go to clip-benchmark verbatim (e.g. ``["--dump_classnames"]``). With
+    ``selection_extras``, image_caption_selection results also carry the tie-aware metrics (module docstring).
+
+    Not thread-safe: while it runs, ``sys.argv`` and two globals of ``clip_benchmark.cli`` are swapped.
     """
     register_loaders()
     checkpoint = str(checkpoint)
@@ -434,18 +478,29 @@ def run_benchmark(
     tmp = Path(tmp_name)
     argv = [
         "eval",
-        "--model_type", MODEL_TYPE,
-        "--model", model_name,
-        "--pretrained", checkpoint,
-        "--dataset", dataset,
-        "--dataset_root", dataset_root,
-        "--split", split,
-        "--task", task,
-        "--batch_size", str(batch_size),
-        "--num_workers", str(workers),
-        "--recall_k", *[str(k) for k in recall_k],
+        "--model_type",
+        MODEL_TYPE,
+        "--model",
+        model_name,
+        "--pretrained",
+        checkpoint,
+        "--dataset",
+        dataset,
+        "--dataset_root",
+        dataset_root,
+        "--split",
+        split,
+        "--task",
+        task,
+        "--batch_size",
+        str(batch_size),
+        "--num_workers",
+        str(workers),
+        "--recall_k",
+        *[str(k) for k in recall_k],
         # clip-benchmark formats --output as a template: escape braces so the path is taken literally
-        "--output", str(tmp).replace("{", "{{").replace("}", "}}"),
+        "--output",
+        str(tmp).replace("{", "{{").replace("}", "}}"),
     ]
     if not amp:
         argv.append("--no_amp")
@@ -492,7 +547,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     )
     p.add_argument("--checkpoint", required=True, help="our checkpoint, released OpenCLIP weights, or hf-hub:<repo>")
     p.add_argument("--dataset", required=True, help="clip-benchmark dataset, e.g. wds/shapes_cls")
-    p.add_argument("--dataset-root", required=True, help="dataset root (clip-benchmark template with {dataset} allowed)")
+    p.add_argument(
+        "--dataset-root", required=True, help="dataset root (clip-benchmark template with {dataset} allowed)"
+    )
     p.add_argument("--task", default="auto", choices=TASKS)
     p.add_argument("--output", required=True, help="output JSON path")
     p.add_argument("--model", default=None, help="architecture (needed for released weights only)")
@@ -502,8 +559,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     p.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10])
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--amp", default=None, action=argparse.BooleanOptionalAction, help="default: on for CUDA only")
-    p.add_argument("--no-selection-extras", dest="selection_extras", action="store_false",
-                   help="skip the tie-aware image_caption_selection metrics (saves a second pass)")
+    p.add_argument(
+        "--no-selection-extras",
+        dest="selection_extras",
+        action="store_false",
+        help="skip the tie-aware image_caption_selection metrics (saves a second pass)",
+    )
     p.add_argument("--verbose", action="store_true")
     return p.parse_known_args(argv)
 
@@ -515,10 +576,21 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     result = run_benchmark(
-        args.checkpoint, args.dataset, args.dataset_root, args.task, args.output,
-        batch_size=args.batch_size, num_workers=args.num_workers, recall_k=args.recall_k,
-        model_name=args.model, device=args.device, extra_args=extra, split=args.split, amp=args.amp,
-        selection_extras=args.selection_extras, verbose=args.verbose,
+        args.checkpoint,
+        args.dataset,
+        args.dataset_root,
+        args.task,
+        args.output,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        recall_k=args.recall_k,
+        model_name=args.model,
+        device=args.device,
+        extra_args=extra,
+        split=args.split,
+        amp=args.amp,
+        selection_extras=args.selection_extras,
+        verbose=args.verbose,
     )
     print(args.output)  # the one line of stdout: where the result is
     return result

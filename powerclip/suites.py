@@ -387,9 +387,7 @@ def _check_pair(suite: str, item: Mapping[str, Any]) -> None:
         raise AssertionError(f"{suite}: captions must differ by one word: {item['positive']!r} / {item['negative']!r}")
 
 
-def _write_suite(
-    suite_dir: Path, suite: str, cfg: ShapesConfig, seed: int, n: int, shard_size: int | None
-) -> int:
+def _write_suite(suite_dir: Path, suite: str, cfg: ShapesConfig, seed: int, n: int, shard_size: int | None) -> int:
     task = SUITES[suite]
     items, info = _builders(cfg)[suite](cfg, seed, n)
     test_dir = suite_dir / "test"
@@ -532,9 +530,7 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[str, int]]:
     if text.startswith("@"):
         text = Path(text[1:]).read_text()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return write_suites(
-        args.root, json.loads(text), args.seed, args.n, suites=args.suites, shard_size=args.shard_size
-    )
+    return write_suites(args.root, json.loads(text), args.seed, args.n, suites=args.suites, shard_size=args.shard_size)
 
 
 __all__ = [

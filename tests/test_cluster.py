@@ -28,6 +28,20 @@ SNAKEMAKE_TIMEOUT = 900
 DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd", "sbatch", "sacct")
 
 
+def slurm_env():
+    """The submitting environment, which jobs inherit (sbatch --export=ALL): this venv first on PATH (torchrun)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SNAKEMAKE_", "SLURM_", "SBATCH_", "SRUN_"))}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/local/bin:/usr/bin:/bin')}:/usr/sbin:/sbin"
+    env["TQDM_DISABLE"] = "1"
+    return env
+
+
+def cluster_script(name, *args, timeout=600):
+    return subprocess.run(
+        ["bash", str(CLUSTER / name), *args], env=slurm_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
 def load_profile():
     return yaml.safe_load((REPO / "slurm" / "config.yaml").read_text())
 
@@ -36,13 +50,14 @@ def rule_names():
     return {m for path in (REPO / "rules").glob("*.smk") for m in re.findall(r"^rule (\w+):", path.read_text(), flags=re.M)}
 
 
-def test_profile_names_only_existing_rules_and_no_gres_or_tasks():
-    """Snakemake ignores set-resources of unknown rules silently; plugin 2.x refuses GRES, tasks breaks GPU jobs."""
+def test_profile_names_only_existing_rules_and_no_gres_tasks_or_gpu_counts():
+    """Snakemake ignores set-resources of unknown rules silently; plugin 2.x refuses GRES, `tasks` starts the
+    command once per GPU, and GPU counts come from the config (segment.gpus, train.gpus), which also sizes torchrun."""
     profile = load_profile()
     assert profile["executor"] == "slurm"
     assert not set(profile["set-resources"]) - rule_names(), "set-resources names a rule that does not exist"
     for rule, resources in profile["set-resources"].items():
-        assert not {"gres", "tasks", "tasks_per_gpu", "slurm_extra"} & set(resources), rule
+        assert not {"gres", "tasks", "tasks_per_gpu", "slurm_extra", "gpu", "gpus"} & set(resources), rule
 
 
 def test_profile_gives_the_gpu_rules_a_gpu_partition_in_a_dry_run(tmp_path):
@@ -64,25 +79,13 @@ def test_profile_gives_the_gpu_rules_a_gpu_partition_in_a_dry_run(tmp_path):
             rule = match.group(1)
         elif rule and (match := re.match(r"\s+resources: (.*)$", line)):
             resources[rule] = dict(kv.split("=", 1) for kv in match.group(1).split(", "))
-    for rule, cpus in [("segment_shard_sam", "4"), ("segment_shard_sam2", "4"), ("train", "8")]:
-        assert resources[rule]["slurm_partition"] == "gpu" and resources[rule]["cpus_per_gpu"] == cpus, resources[rule]
+    profile = load_profile()["set-resources"]
+    for rule in ("segment_shard_sam", "segment_shard_sam2", "train"):
+        cpus = str(profile[rule]["cpus_per_gpu"])
+        assert resources[rule]["slurm_partition"] == GPU_PARTITION and resources[rule]["cpus_per_gpu"] == cpus, resources[rule]
     assert resources["train"]["gpu"] == "2" and resources["segment_shard_sam"]["gpu"] == "1"
     for rule in ("parse_shard", "segment_shard"):
-        assert resources[rule]["slurm_partition"] == "cpu" and "gpu" not in resources[rule], resources[rule]
-
-
-def slurm_env():
-    """The submitting environment, which jobs inherit (sbatch --export=ALL): this venv first on PATH (torchrun)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SNAKEMAKE_", "SLURM_", "SBATCH_", "SRUN_"))}
-    env["PATH"] = f"{BIN}:{env.get('PATH', '/usr/local/bin:/usr/bin:/bin')}:/usr/sbin:/sbin"
-    env["TQDM_DISABLE"] = "1"
-    return env
-
-
-def cluster_script(name, *args, timeout=600):
-    return subprocess.run(
-        ["bash", str(CLUSTER / name), *args], env=slurm_env(), capture_output=True, text=True, timeout=timeout
-    )
+        assert resources[rule]["slurm_partition"] == CPU_PARTITION and "gpu" not in resources[rule], resources[rule]
 
 
 @pytest.fixture(scope="module")
@@ -211,16 +214,18 @@ def test_workflow_runs_through_slurm_with_a_gpu_for_train(slurm_cluster, tmp_pat
     assert len(re.findall(r"^localrule fetch_shard:$", proc.stdout + proc.stderr, flags=re.M)) == 2, report
 
     # sacct knows them all: completed, charged to the test account, on the profile's partitions
+    train_cpus = str(load_profile()["set-resources"]["train"]["cpus_per_gpu"])
     jobs = sacct(list(job_rule))
     assert set(jobs) == set(job_rule), f"sacct lists {sorted(jobs)}, the SLURM logs {sorted(job_rule)}"
     assert len({job["JobName"] for job in jobs.values()}) == 1, "one Snakemake run, one job name (its run id)"
     for job_id, job in jobs.items():
         rule = job_rule[job_id]
-        assert re.fullmatch(rf"rule_{rule}(_wildcards_.*)?", job["Comment"]) and job["State"] == "COMPLETED" and job["Account"] == ACCOUNT, job
+        assert re.fullmatch(rf"rule_{rule}(_wildcards_.*)?", job["Comment"]), job  # the plugin's --comment
+        assert job["State"] == "COMPLETED" and job["Account"] == ACCOUNT, job
         tres = dict(item.split("=", 1) for item in job["AllocTRES"].split(","))
         if rule == "train":
-            # the rule's gpu=1 (train.gpus) became --gpus=1 on the profile's GPU partition with cpus_per_gpu: 8
-            assert job["Partition"] == GPU_PARTITION and tres.get("gres/gpu") == "1" and tres["cpu"] == "8", job
+            # the rule's gpu=1 (train.gpus) became --gpus=1 on the profile's GPU partition, with its cpus_per_gpu
+            assert job["Partition"] == GPU_PARTITION and tres.get("gres/gpu") == "1" and tres["cpu"] == train_cpus, job
         else:
             assert job["Partition"] == CPU_PARTITION and "gres/gpu" not in tres, job
 
@@ -238,4 +243,4 @@ def test_workflow_runs_through_slurm_with_a_gpu_for_train(slurm_cluster, tmp_pat
         else:
             assert seen[job_id] == {"unset"}, f"{rule} job {job_id}: CUDA_VISIBLE_DEVICES {seen[job_id]}"
     train_log = (tmp_path / "logs/train/powerclip.log").read_text()
-    assert "on cpu (fp32, world size 1)" in train_log, train_log[-3000:]
+    assert re.search(r" on cpu \(.*world size 1\)", train_log), train_log[-3000:]

@@ -86,8 +86,12 @@ def cb_loader(root: Path, suite: str, transform, batch_size: int = 16):
     from clip_benchmark.datasets.builder import build_dataset
 
     dataset = build_dataset(
-        dataset_name=f"wds/{suite}", root=str(root / suite), transform=transform, split="test",
-        download=True, task=suites.SUITES[suite],
+        dataset_name=f"wds/{suite}",
+        root=str(root / suite),
+        transform=transform,
+        split="test",
+        download=True,
+        task=suites.SUITES[suite],
     )
     loader = torch.utils.data.DataLoader(dataset.batched(batch_size), batch_size=None, shuffle=False, num_workers=0)
     return dataset, loader
@@ -220,7 +224,12 @@ def test_pairs_are_true_and_false(root: Path):
 
 def test_relation_balance(root: Path):
     items = suites.read_meta(root / "shapes_relation")["items"]
-    flips = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below", "below": "above"}
+    flips = {
+        "to the left of": "to the right of",
+        "to the right of": "to the left of",
+        "above": "below",
+        "below": "above",
+    }
     counts = Counter(item["positive_relation"] for item in items)
     assert counts["left_of"] == counts["right_of"] == counts["above"] == counts["below"] == N // 4
     for item in items:
