@@ -13,6 +13,7 @@ include: "rules/download.smk"
 include: "rules/parse_tree.smk"
 include: "rules/segment.smk"
 include: "rules/train.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:
@@ -21,3 +22,4 @@ rule all:
         phrases=all_phrase_sidecars(),
         regions=all_region_sidecars(),
         checkpoints=all_checkpoints(),
+        eval="results/eval.csv",

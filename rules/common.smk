@@ -59,6 +59,7 @@ wildcard_constraints:
     shard=SHARD_NAME.pattern.strip("^$"),
     source="|".join(REGION_SOURCES),
     run="|".join(runs.index),
+    benchmark="|".join(config["evaluation"]["benchmarks"]),
     checkpoint="|".join(config.get("checkpoints", {})) or "no-checkpoint-is-configured",
 
 
@@ -218,3 +219,26 @@ def segmenter_checkpoint(source):
         return {"checkpoint": path} if path else {}
 
     return inputs
+
+
+def local_suites(wildcards=None):
+    """Benchmarks that are local suites written by write_eval_suites (`suite:` key)."""
+    return [
+        b["suite"] for b in config["evaluation"]["benchmarks"].values() if "suite" in b
+    ]
+
+
+def eval_root(wildcards):
+    spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
+    if "suite" in spec:
+        return f"resources/eval/{DATASET}/{spec['suite']}"
+    return spec["root"]
+
+
+def eval_inputs(wildcards):
+    spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
+    return (
+        {"suites": f"resources/eval/{DATASET}"}
+        if "suite" in spec
+        else {"root": spec["root"]}
+    )

@@ -30,6 +30,7 @@ def micro_config(tmp_path, **datasets):
     cfg["datasets"]["shapes"]["num_shards"] = 2
     cfg["datasets"]["shapes"]["synthetic"]["samples_per_shard"] = 24
     cfg["train"].update(samples_per_epoch=32, epochs=2, batch_size=16, warmup_steps=1, save_every_steps=1, log_every_steps=1)
+    cfg["evaluation"]["items_per_suite"] = 24
     cfg["datasets"].update(datasets)
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -128,11 +129,25 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
         assert len(rows) == 1 + 4  # header + 2 epochs x 2 steps
         assert (tmp_path / f"logs/train/{name}.log").exists()
         assert (tmp_path / f"results/runs/{name}/checkpoint.pt").stat().st_mode & 0o222 == 0  # protected
+    # the results table: every run x benchmark, the documented columns, a headline summary
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "results/eval.csv")
+    assert list(table.columns) == ["run", "benchmark", "task", "metric", "value"]
+    benchmarks = set(yaml.safe_load(config.read_text())["evaluation"]["benchmarks"])
+    assert set(table["run"]) == {"clip", "powerclip"} and set(table["benchmark"]) == benchmarks
+    assert table["value"].between(0, 1).all()
+    summary = pd.read_csv(tmp_path / "results/eval_summary.csv", index_col="run")
+    assert set(summary.index) == {"clip", "powerclip"} and set(summary.columns) == benchmarks
+    for name in ("clip", "powerclip"):
+        own = pd.read_csv(tmp_path / f"results/runs/{name}/eval.csv")
+        assert set(own["run"]) == {name} and len(own) == (table["run"] == name).sum()
     # every job's imports are provided by its rule's conda env
     from envcheck import check_recorded
 
     assert {json.loads(p.read_text())["rule"] for p in imports.glob("*.json")} == {
-        "fetch_shard", "parse_shard", "segment_shard", "train"
+        "fetch_shard", "parse_shard", "segment_shard", "train", "write_eval_suites", "eval_benchmark",
+        "aggregate_run_eval", "aggregate_eval",
     }  # fmt: skip
     assert check_recorded(imports) == {}
     # nothing left to do on a second run

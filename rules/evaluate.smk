@@ -1,0 +1,78 @@
+rule write_eval_suites:
+    output:
+        suites=directory("resources/eval/{dataset}"),
+    log:
+        "logs/write_eval_suites/{dataset}.log",
+    conda:
+        "../envs/eval.yaml"
+    params:
+        generator=lambda w: config["datasets"][w.dataset]["synthetic"],
+        seed=lambda w: config["datasets"][w.dataset]["synthetic"]["seed"],
+        n=config["evaluation"].get("items_per_suite", 500),
+        suites=local_suites,
+    script:
+        "../workflow_scripts/write_eval_suites.py"
+
+
+rule eval_benchmark:
+    input:
+        unpack(eval_inputs),
+        checkpoint="results/runs/{run}/checkpoint.pt",
+    output:
+        result="results/runs/{run}/eval/{benchmark}.json",
+    log:
+        "logs/eval_benchmark/{run}/{benchmark}.log",
+    benchmark:
+        "benchmarks/eval_benchmark/{run}/{benchmark}.tsv"
+    conda:
+        "../envs/eval.yaml"
+    threads: 1
+    resources:
+        gpu=config["evaluation"].get("gpus", 0),
+        runtime=lambda wildcards, attempt: 60 * attempt,
+    params:
+        spec=lambda w: config["evaluation"]["benchmarks"][w.benchmark],
+        root=eval_root,
+        batch_size=config["evaluation"].get("batch_size", 128),
+        workers=config["evaluation"].get("workers", 0),
+    script:
+        "../workflow_scripts/eval_benchmark.py"
+
+
+rule aggregate_run_eval:
+    input:
+        results=lambda w: expand(
+            "results/runs/{run}/eval/{benchmark}.json",
+            run=w.run,
+            benchmark=config["evaluation"]["benchmarks"],
+        ),
+    output:
+        table="results/runs/{run}/eval.csv",
+    log:
+        "logs/aggregate_run_eval/{run}.log",
+    conda:
+        "../envs/eval.yaml"
+    params:
+        benchmarks=list(config["evaluation"]["benchmarks"]),
+    script:
+        "../workflow_scripts/aggregate_eval.py"
+
+
+rule aggregate_eval:
+    input:
+        tables=expand("results/runs/{run}/eval.csv", run=runs.index),
+    output:
+        table=report(
+            "results/eval.csv", caption="../report/eval.rst", category="Results"
+        ),
+        summary=report(
+            "results/eval_summary.csv",
+            caption="../report/eval_summary.rst",
+            category="Results",
+        ),
+    log:
+        "logs/aggregate_eval/aggregate_eval.log",
+    conda:
+        "../envs/eval.yaml"
+    script:
+        "../workflow_scripts/aggregate_eval.py"

@@ -1,0 +1,17 @@
+# Thin glue for rule write_eval_suites: see powerclip.suites.write_suites.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
+
+from powerclip.logs import log_to_file
+from powerclip.suites import write_suites
+
+log_to_file(snakemake.log[0])
+write_suites(
+    snakemake.output.suites,
+    snakemake.params.generator,
+    seed=snakemake.params.seed,
+    n=snakemake.params.n,
+    suites=snakemake.params.suites,
+)
