@@ -836,3 +836,86 @@ def fetch_checkpoint(
         if attempt < retries:
             time.sleep(backoff_s * attempt)
     raise DownloadError(f"could not fetch {url} after {retries} attempts: {last}")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Evaluation datasets (clip-benchmark's WebDataset copies on the Hub)
+# --------------------------------------------------------------------------------------------------------
+
+CLIP_BENCHMARK_OPTIONAL_FILES = ("dataset_type.txt", "classnames.txt", "zeroshot_classification_templates.txt")
+
+
+def clip_benchmark_repo(dataset: str, repo_prefix: str = "clip-benchmark/wds_") -> str:
+    """``wds/vtab/cifar100`` -> ``clip-benchmark/wds_vtab-cifar100`` (clip-benchmark's own naming)."""
+    name = dataset[len("wds/") :] if dataset.startswith("wds/") else dataset
+    return f"{repo_prefix}{name.replace('/', '-')}"
+
+
+def fetch_clip_benchmark_wds(
+    dataset: str,
+    out_dir: str | os.PathLike,
+    split: str = "test",
+    revision: str = "main",
+    repo_prefix: str = "clip-benchmark/wds_",
+    endpoint: str | None = None,
+    retries: int = 3,
+    backoff_s: float = 2.0,
+) -> dict:
+    """Download one clip-benchmark WebDataset (``<split>/nshards.txt``, its tars and the metadata files)
+    into ``out_dir`` in the layout clip-benchmark reads with ``--dataset_root out_dir``.
+
+    Written into a temporary folder beside ``out_dir`` and renamed into place, so a failed download never
+    leaves a half dataset. Returns {"repo", "revision", "nshards", "files"}.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
+
+    repo = clip_benchmark_repo(dataset, repo_prefix)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+
+    def get(filename: str, local_dir: Path) -> Path:
+        for attempt in range(1, retries + 1):
+            try:
+                return Path(
+                    hf_hub_download(
+                        repo, filename, repo_type="dataset", revision=revision, local_dir=local_dir, endpoint=endpoint
+                    )
+                )
+            except EntryNotFoundError:
+                raise
+            except (HfHubHTTPError, OSError) as exc:
+                status = getattr(getattr(exc, "response", None), "status_code", None)
+                if status in (401, 403, 404) or attempt == retries:
+                    raise DownloadError(
+                        f"{dataset}: could not fetch {filename} from dataset repo {repo!r} revision {revision!r} ({exc})"
+                    ) from exc
+                log.warning("%s: %s failed (attempt %d of %d): %s", repo, filename, attempt, retries, exc)
+                time.sleep(backoff_s * attempt)
+        raise AssertionError("unreachable")
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        try:
+            nshards = int(get(f"{split}/nshards.txt", tmp).read_text().strip())
+        except EntryNotFoundError as exc:
+            raise DownloadError(f"{dataset}: {repo!r} has no {split}/nshards.txt; is the dataset or split name right?") from exc
+        files = [f"{split}/nshards.txt"]
+        for i in range(nshards):
+            get(f"{split}/{i}.tar", tmp)
+            files.append(f"{split}/{i}.tar")
+        for name in CLIP_BENCHMARK_OPTIONAL_FILES:
+            try:
+                get(name, tmp)
+                files.append(name)
+            except EntryNotFoundError:
+                pass  # e.g. retrieval datasets have no class names
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping of local_dir
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("%s: %d shards of %s from %s", dataset, nshards, split, repo)
+    return {"repo": repo, "revision": revision, "nshards": nshards, "files": files}

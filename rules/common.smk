@@ -232,13 +232,11 @@ def eval_root(wildcards):
     spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
     if "suite" in spec:
         return f"resources/eval/{DATASET}/{spec['suite']}"
-    return spec["root"]
+    return spec.get("root", f"resources/eval/wds/{wildcards.benchmark}")
 
 
 def eval_inputs(wildcards):
     spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
-    return (
-        {"suites": f"resources/eval/{DATASET}"}
-        if "suite" in spec
-        else {"root": spec["root"]}
-    )
+    if "suite" in spec:
+        return {"suites": f"resources/eval/{DATASET}"}
+    return {"root": eval_root(wildcards)}

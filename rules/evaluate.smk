@@ -1,3 +1,8 @@
+# Evaluation data needs the internet: fetched where Snakemake runs, not as a SLURM job.
+localrules:
+    fetch_eval_dataset,
+
+
 rule write_eval_suites:
     output:
         suites=directory("resources/eval/{dataset}"),
@@ -12,6 +17,20 @@ rule write_eval_suites:
         suites=local_suites,
     script:
         "../workflow_scripts/write_eval_suites.py"
+
+
+rule fetch_eval_dataset:
+    output:
+        root=directory("resources/eval/wds/{benchmark}"),
+    log:
+        "logs/fetch_eval_dataset/{benchmark}.log",
+    retries: 1
+    conda:
+        "../envs/download.yaml"
+    params:
+        spec=lambda w: config["evaluation"]["benchmarks"][w.benchmark],
+    script:
+        "../workflow_scripts/fetch_eval_dataset.py"
 
 
 rule eval_benchmark:

@@ -754,3 +754,37 @@ def test_fetch_checkpoint_verifies_and_retries(tmp_path, monkeypatch):
         assert list(tmp_path.glob("*.part")) == [] and list((tmp_path / "ckpt").iterdir()) == [out]
     finally:
         server.close()
+
+
+def test_fetch_clip_benchmark_wds_layout(hf_env, tmp_path):
+    """A clip-benchmark WebDataset fetched from a (fake) Hub lands in the layout clip-benchmark reads."""
+    from powerclip.download import clip_benchmark_repo, fetch_clip_benchmark_wds
+
+    assert clip_benchmark_repo("wds/vtab/cifar100") == "clip-benchmark/wds_vtab-cifar100"
+    write_tar(tmp_path / "0.tar", [("000", {"jpg": image_bytes("JPEG", (1, 2, 3)), "cls": b"1"})])
+    files = {
+        "test/nshards.txt": b"2\n",
+        "test/0.tar": (tmp_path / "0.tar").read_bytes(),
+        "test/1.tar": (tmp_path / "0.tar").read_bytes(),
+        "classnames.txt": b"cat\ndog\n",
+        "zeroshot_classification_templates.txt": b"a photo of a {c}.\n",
+    }
+    hub = FakeHub(files, lfs=False)
+    try:
+        prefix, name = REPO.split("/")
+        out = tmp_path / "eval" / "wds_x"
+        info = fetch_clip_benchmark_wds(f"wds/{name}", out, repo_prefix=f"{prefix}/", endpoint=hub.endpoint, backoff_s=0)
+        assert info["nshards"] == 2 and "dataset_type.txt" not in info["files"]
+        for rel, data in files.items():
+            assert (out / rel).read_bytes() == data
+        assert sorted(p.name for p in out.parent.iterdir()) == ["wds_x"]  # no temp folder left
+        from clip_benchmark.datasets.builder import build_wds_dataset
+
+        ds = build_wds_dataset(f"wds/{name}", transform=None, data_dir=str(out))
+        assert ds.classes == ["cat", "dog"] and len(list(ds)) == 2
+        with pytest.raises(DownloadError, match="nshards.txt"):
+            fetch_clip_benchmark_wds(f"wds/{name}", tmp_path / "other", split="train", repo_prefix=f"{prefix}/",
+                                     endpoint=hub.endpoint, backoff_s=0)  # fmt: skip
+        assert not (tmp_path / "other").exists()
+    finally:
+        hub.close()

@@ -81,6 +81,24 @@ def test_dry_run_of_sam_targets_names_gpu_rules(tmp_path):
     assert "resources/checkpoints/sam_vit_h_4b8939.pth" in proc.stdout and "fetch_checkpoint" in proc.stdout
 
 
+def test_paper_config_dry_run_through_the_slurm_profile(tmp_path):
+    """The whole CC12M DAG resolves with the real profile (conda swapped for env-modules: no conda here)."""
+    proc = run(
+        SNAKEMAKE + ["-n", "--profile", str(REPO / "slurm"), "--sdm", "env-modules", "--configfile",
+                     str(REPO / "config" / "cc12m.yaml"), "--directory", str(tmp_path), "all"],
+        cwd=REPO, timeout=300,
+    )  # fmt: skip
+    counts = {}
+    for line in proc.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    assert counts["fetch_shard"] == counts["segment_shard_sam2"] == 2176
+    assert counts["train"] == 12 and counts["eval_benchmark"] == 12 * 26 and counts["fetch_eval_dataset"] == 26
+    train = proc.stdout[proc.stdout.index("rule train:") :]
+    assert "gpu=8" in train[: train.index("\n\n")]
+
+
 def test_invalid_config_fails_at_parse_time(tmp_path):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["grid"]["patch_size"] = "eight"
