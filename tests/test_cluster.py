@@ -148,6 +148,7 @@ def test_download_rules_are_local_rules():
     download = set(re.findall(r"^rule (\w+):", (REPO / "rules" / "download.smk").read_text(), flags=re.M))
     assert {"fetch_shard", "split_url_list"} <= download
     assert download <= declared_localrules(), f"not declared in localrules: {sorted(download - declared_localrules())}"
+    assert "fetch_eval_dataset" in declared_localrules()
 
 
 def sacct(job_ids):
