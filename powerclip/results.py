@@ -59,3 +59,31 @@ def summary(long: pd.DataFrame) -> pd.DataFrame:
     """One row per run, one column per benchmark: its headline metric."""
     headline = long[long.apply(lambda r: HEADLINE.get(r["task"]) == r["metric"], axis=1)]
     return headline.pivot_table(index="run", columns="benchmark", values="value", aggfunc="first")
+
+
+# Run-table columns that are not part of what a run trains: runs equal in everything else are seeds of
+# one setting.
+NOT_SETTINGS = ("run", "seed", "description")
+
+
+def seed_summary(long: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+    """Headline metrics averaged over the seeds of each setting: setting, benchmark, mean, sd, n, runs.
+
+    A setting is named after its seed-0 run if it has one (else its first run); sd is the sample standard
+    deviation (NaN for a single seed).
+    """
+    runs = runs.reset_index(drop=True)
+    knobs = [c for c in runs.columns if c not in NOT_SETTINGS]
+    names = {}
+    for _, group in runs.groupby(knobs, sort=False, dropna=False):
+        base = group.sort_values("seed").iloc[0]["run"]
+        for run in group["run"]:
+            names[run] = base
+    headline = long[long.apply(lambda r: HEADLINE.get(r["task"]) == r["metric"], axis=1)].copy()
+    headline["setting"] = headline["run"].map(names)
+    out = (
+        headline.groupby(["setting", "benchmark"], sort=True)
+        .agg(mean=("value", "mean"), sd=("value", "std"), n=("value", "size"), runs=("run", lambda r: " ".join(sorted(r))))
+        .reset_index()
+    )
+    return out

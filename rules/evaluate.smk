@@ -80,6 +80,7 @@ rule aggregate_run_eval:
 rule aggregate_eval:
     input:
         tables=expand("results/runs/{run}/eval.csv", run=runs.index),
+        runs=resolve_path(config["runs"]),
     output:
         table=report(
             "results/eval.csv", caption="../report/eval.rst", category="Results"
@@ -87,6 +88,11 @@ rule aggregate_eval:
         summary=report(
             "results/eval_summary.csv",
             caption="../report/eval_summary.rst",
+            category="Results",
+        ),
+        seeds=report(
+            "results/eval_seeds.csv",
+            caption="../report/eval_seeds.rst",
             category="Results",
         ),
     log:

@@ -31,6 +31,10 @@ def micro_config(tmp_path, **datasets):
     cfg["datasets"]["shapes"]["synthetic"]["samples_per_shard"] = 24
     cfg["train"].update(samples_per_epoch=32, epochs=2, batch_size=16, warmup_steps=1, save_every_steps=1, log_every_steps=1)
     cfg["evaluation"]["items_per_suite"] = 24
+    # two runs of the demo's table (its extra seeds would only repeat them)
+    runs = (REPO / "config" / "runs.tsv").read_text().splitlines()
+    (tmp_path / "runs.tsv").write_text("\n".join(line for line in runs if line.split("\t")[0] in ("run", "clip", "powerclip")) + "\n")
+    cfg["runs"] = str(tmp_path / "runs.tsv")
     cfg["datasets"].update(datasets)
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -157,6 +161,8 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
     assert table["value"].between(0, 1).all()
     summary = pd.read_csv(tmp_path / "results/eval_summary.csv", index_col="run")
     assert set(summary.index) == {"clip", "powerclip"} and set(summary.columns) == benchmarks
+    seeds = pd.read_csv(tmp_path / "results/eval_seeds.csv")
+    assert set(seeds["setting"]) == {"clip", "powerclip"} and (seeds["n"] == 1).all()
     for name in ("clip", "powerclip"):
         own = pd.read_csv(tmp_path / f"results/runs/{name}/eval.csv")
         assert set(own["run"]) == {name} and len(own) == (table["run"] == name).sum()

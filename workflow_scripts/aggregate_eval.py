@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 import pandas as pd
 
 from powerclip.logs import log_to_file
-from powerclip.results import combine, run_table, summary
+from powerclip.results import combine, run_table, seed_summary, summary
 from powerclip.shards import atomic_output
 
 log_to_file(snakemake.log[0])
@@ -21,3 +21,6 @@ else:
         table.to_csv(tmp, index=False)
     with atomic_output(snakemake.output.summary) as tmp:
         summary(table).to_csv(tmp, float_format="%.4f")
+    runs = pd.read_csv(snakemake.input.runs, sep="\t", comment="#", dtype={"run": str})
+    with atomic_output(snakemake.output.seeds) as tmp:
+        seed_summary(table, runs).to_csv(tmp, index=False, float_format="%.4f")
