@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 
-def log_to_file(path, level: int = logging.INFO):
-    """Send logging and stderr of this process to ``path`` (appending); returns the open file."""
+def log_to_file(path, level: int = logging.INFO, rule: str | None = None):
+    """Send logging and stderr of this process to ``path`` (appending); returns the open file.
+
+    ``rule`` names the Snakemake rule (for the import record of the tests; default: from the log path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stream = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
@@ -23,7 +25,7 @@ def log_to_file(path, level: int = logging.INFO):
         force=True,
     )
     logging.captureWarnings(True)
-    record_imports(rule_of_log(path))
+    record_imports(rule or rule_of_log(path))
     return stream
 
 

@@ -17,6 +17,7 @@ OPTIONAL = {
     "transformers": "open_clip's tokenizer module imports it when installed (Hugging Face tokenizers)",
     "tokenizers": "imported by transformers",
     "tabulate": "torch.distributed's debug handlers import it when installed",
+    "wcwidth": "tabulate imports it when installed",
 }
 
 

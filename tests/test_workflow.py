@@ -103,6 +103,42 @@ def test_paper_config_dry_run_through_the_slurm_profile(tmp_path):
     assert "gpu=8" in train[: train.index("\n\n")]
 
 
+def test_one_ablation_target_trains_and_evaluates_only_that_run(tmp_path):
+    proc = dry_run(tmp_path, "results/runs/powerclip-s1/eval.csv")
+    counts = {p[0]: int(p[1]) for p in (line.split() for line in proc.stdout.splitlines()) if len(p) == 2 and p[1].isdigit()}
+    benchmarks = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["evaluation"]["benchmarks"]
+    assert counts["train"] == 1 and counts["eval_benchmark"] == len(benchmarks) and counts["aggregate_run_eval"] == 1
+    assert "aggregate_eval" not in counts
+    assert "wildcards: run=powerclip-s1" in proc.stdout and "run=clip" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_sam_rules_run_with_random_weights(tmp_path):
+    """segment_shard_sam / _sam2 through the workflow on CPU with untrained weights (format check only)."""
+    cfg = yaml.safe_load(micro_config(tmp_path).read_text())
+    cfg["datasets"]["shapes"]["synthetic"]["samples_per_shard"] = 2
+    tiny = {"allow_random_weights": True, "checkpoint": None, "points_per_side": 2, "pred_iou_thresh": 0.0,
+            "stability_score_thresh": 0.0, "device": "cpu"}  # fmt: skip
+    cfg["segment"]["sam"] = {"model_type": "vit_b", **tiny}
+    cfg["segment"]["sam2"] = {"config": "configs/sam2.1/sam2.1_hiera_t.yaml", **tiny}
+    cfg["segment"]["gpus"] = 0
+    config = tmp_path / "sam.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    imports = tmp_path / "imports"
+    targets = ["results/shapes/regions/sam/00000.tar", "results/shapes/regions/sam2/00000.tar"]
+    run(SNAKEMAKE + ["--cores", "2", "--configfile", str(config), "--directory", str(tmp_path), *targets],
+        cwd=REPO, env={"POWERCLIP_RECORD_IMPORTS": str(imports)})  # fmt: skip
+    keys = read_keys(tmp_path / "resources/shapes/shards/00000.tar")
+    for source in ("sam", "sam2"):
+        assert read_keys(tmp_path / f"results/shapes/regions/{source}/00000.tar") == keys
+        stats = json.loads((tmp_path / f"results/shapes/regions/{source}/00000.stats.json").read_text())
+        assert stats["samples_in"] == 2 and stats["info"]["source"] == source
+    from envcheck import check_recorded
+
+    assert {json.loads(p.read_text())["rule"] for p in imports.glob("*.json")} >= {"segment_shard_sam", "segment_shard_sam2"}
+    assert check_recorded(imports) == {}
+
+
 def test_invalid_config_fails_at_parse_time(tmp_path):
     cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     cfg["grid"]["patch_size"] = "eight"

@@ -10,7 +10,7 @@ from powerclip.logs import log_to_file
 from powerclip.results import combine, run_table, seed_summary, summary
 from powerclip.shards import atomic_output
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 if snakemake.rule == "aggregate_run_eval":
     table = run_table(dict(zip(snakemake.params.benchmarks, snakemake.input.results)), snakemake.wildcards.run)
     with atomic_output(snakemake.output.table) as tmp:

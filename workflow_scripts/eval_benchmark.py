@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 from powerclip.evaluate import run_benchmark
 from powerclip.logs import log_to_file
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 spec = snakemake.params.spec
 run_benchmark(
     snakemake.input.checkpoint,

@@ -7,6 +7,6 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 from powerclip.download import fetch_checkpoint
 from powerclip.logs import log_to_file
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 spec = snakemake.params.spec
 fetch_checkpoint(spec["url"], snakemake.output.checkpoint, sha256=spec.get("sha256"), retries=spec.get("retries", 3))

@@ -7,6 +7,6 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 from powerclip.download import fetch_clip_benchmark_wds
 from powerclip.logs import log_to_file
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 spec = snakemake.params.spec
 fetch_clip_benchmark_wds(spec["dataset"], snakemake.output.root, revision=spec.get("revision", "main"))

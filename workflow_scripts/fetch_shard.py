@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 from powerclip.fetch import fetch_shard
 from powerclip.logs import log_to_file
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 fetch_shard(
     snakemake.params.dataset,
     snakemake.wildcards.shard,

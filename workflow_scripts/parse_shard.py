@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 from powerclip.logs import log_to_file
 from powerclip.phrases import parse_shard
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 opts = snakemake.params.parse
 parse_shard(
     snakemake.input.shard,

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 from powerclip.logs import log_to_file
 from powerclip.regions import PatchGrid, segment_shard
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 source = snakemake.params.get("source") or snakemake.wildcards.source
 seg = snakemake.params.segment
 segment_shard(

@@ -7,7 +7,7 @@ sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package,
 from powerclip.download import split_url_list
 from powerclip.logs import log_to_file
 
-log_to_file(snakemake.log[0])
+log_to_file(snakemake.log[0], rule=snakemake.rule)
 spec = snakemake.params.dataset["img2dataset"]
 split_url_list(
     snakemake.input.url_list,
