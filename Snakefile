@@ -18,6 +18,7 @@ include: "rules/parse_tree.smk"
 include: "rules/segment.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:
@@ -27,3 +28,4 @@ rule all:
         regions=all_region_sidecars(),
         checkpoints=all_checkpoints(),
         eval="results/eval.csv",
+        plots="results/plots/eval_bars.png",

@@ -197,6 +197,11 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
     assert table["value"].between(0, 1).all()
     summary = pd.read_csv(tmp_path / "results/eval_summary.csv", index_col="run")
     assert set(summary.index) == {"clip", "powerclip"} and set(summary.columns) == benchmarks
+    for png in ("eval_bars", "training_curves"):
+        assert (tmp_path / f"results/plots/{png}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = run(base + ["--report", str(tmp_path / "report.html")], cwd=REPO)
+    html = (tmp_path / "report.html").read_text()
+    assert "eval_bars.png" in html and "eval.csv" in html, report.stderr[-2000:]
     seeds = pd.read_csv(tmp_path / "results/eval_seeds.csv")
     assert set(seeds["setting"]) == {"clip", "powerclip"} and (seeds["n"] == 1).all()
     for name in ("clip", "powerclip"):
@@ -207,7 +212,7 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
 
     assert {json.loads(p.read_text())["rule"] for p in imports.glob("*.json")} == {
         "fetch_shard", "parse_shard", "segment_shard", "train", "write_eval_suites", "eval_benchmark",
-        "aggregate_run_eval", "aggregate_eval",
+        "aggregate_run_eval", "aggregate_eval", "plot_results",
     }  # fmt: skip
     assert check_recorded(imports) == {}
     # nothing left to do on a second run
