@@ -59,7 +59,9 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DownloadError",
-    "expand_local_pattern",
+    "clip_benchmark_repo",
+    "fetch_checkpoint",
+    "fetch_clip_benchmark_wds",
     "fetch_huggingface_shard",
     "fetch_img2dataset_shard",
     "fetch_local_shard",

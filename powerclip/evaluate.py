@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -471,11 +470,19 @@ def run_benchmark(
         log.info("num_workers %d > %d shard(s) of %s: using %d", workers, nshards, dataset, nshards)
         workers = nshards
 
+    from powerclip.shards import atomic_output
+
     output_json = Path(output_json)
-    output_json.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{output_json.name}.", suffix=".tmp", dir=output_json.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    with atomic_output(output_json) as tmp:
+        result = _run_cli(checkpoint, model_name, dataset, dataset_root, split, task, batch_size, workers, recall_k,
+                          tmp, amp, verbose, extra_args, device, selection_extras)  # fmt: skip
+    log.info("%s on %s (%s): %s -> %s", checkpoint, dataset, result["task"], result["metrics"], output_json)
+    return result
+
+
+def _run_cli(checkpoint, model_name, dataset, dataset_root, split, task, batch_size, workers, recall_k, tmp, amp,
+             verbose, extra_args, device, selection_extras) -> dict[str, Any]:  # fmt: skip
+    """clip_benchmark's CLI in-process, writing its JSON to ``tmp``; returns the parsed result."""
     argv = [
         "eval",
         "--model_type",
@@ -508,34 +515,20 @@ def run_benchmark(
         argv.append("--quiet")
     argv.extend(extra_args)
     log.info("clip_benchmark %s", " ".join(argv))
-    try:
-        with _patched_cli(argv, force_cpu=device == "cpu", selection_extras=selection_extras) as cli:
-            stream = _LogStream(log)
-            try:
-                with contextlib.redirect_stdout(stream):
-                    cli.main()
-            except SystemExit as exc:  # argparse errors
-                if exc.code not in (0, None):
-                    raise RuntimeError(f"clip_benchmark rejected its arguments {argv}: exit {exc.code}") from exc
-            finally:
-                stream.flush()
-        text = tmp.read_text()
-        if not text.strip():
-            raise RuntimeError(f"clip_benchmark wrote no result for {dataset} ({task})")
-        result = json.loads(text)  # Python's json reads clip-benchmark's NaN (acc5 with < 5 classes)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, output_json)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    log.info("%s on %s (%s): %s -> %s", checkpoint, dataset, result["task"], result["metrics"], output_json)
-    return result
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with _patched_cli(argv, force_cpu=device == "cpu", selection_extras=selection_extras) as cli:
+        stream = _LogStream(log)
+        try:
+            with contextlib.redirect_stdout(stream):
+                cli.main()
+        except SystemExit as exc:  # argparse errors
+            if exc.code not in (0, None):
+                raise RuntimeError(f"clip_benchmark rejected its arguments {argv}: exit {exc.code}") from exc
+        finally:
+            stream.flush()
+    text = Path(tmp).read_text()
+    if not text.strip():
+        raise RuntimeError(f"clip_benchmark wrote no result for {dataset} ({task})")
+    return json.loads(text)  # Python's json reads clip-benchmark's NaN (acc5 with < 5 classes)
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -140,7 +140,6 @@ class AlignmentError(ValueError):
 class TokenPieces:
     """The CLIP tokenization of a cleaned caption, with each token's character span."""
 
-    text: str  # the lower-cased text the tokens were cut from
     ids: list[int]
     char_spans: list[tuple[int, int]]
 
@@ -196,7 +195,7 @@ class ClipTokenAligner:
             for piece in pieces:
                 ids.append(tok.encoder[piece])
                 spans.append(span)
-        return TokenPieces(lowered, ids, spans)
+        return TokenPieces(ids, spans)
 
     def positions(self, pieces: TokenPieces, start_char: int, end_char: int) -> list[int]:
         """Token positions (1-based after start-of-text) whose characters overlap [start, end)."""

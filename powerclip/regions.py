@@ -219,7 +219,7 @@ def segment_shard(
         min_overlap=grid.min_overlap,
         max_regions=max_regions,
         dedupe=dedupe,
-        options={k: v for k, v in (options or {}).items()},
+        options=dict(options or {}),
     )
     segmenter = segmenter or build_segmenter(source, options, seed)
     takes_key = isinstance(segmenter, RandomBoxSegmenter)

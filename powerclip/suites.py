@@ -61,7 +61,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from powerclip.shards import ShardWriter
+from powerclip.shards import ShardWriter, umask
 from powerclip.synthetic import GENERATOR_VERSION, RELATIONS, SIZES, ShapesConfig, ShapesGenerator
 
 log = logging.getLogger(__name__)
@@ -463,7 +463,7 @@ def write_suite(
     tmp = Path(tempfile.mkdtemp(prefix=f".{suite}.", suffix=".tmp", dir=root))
     try:
         _write_suite(tmp, suite, cfg, int(seed), int(n), shard_size)
-        os.chmod(tmp, 0o777 & ~_umask())
+        os.chmod(tmp, 0o777 & ~umask())
         if final.exists():
             # A directory cannot be replaced by rename while non-empty: move the old one aside first, so
             # readers see either the complete old suite or the complete new one (never a mix).
@@ -478,12 +478,6 @@ def write_suite(
         raise
     log.info("wrote suite %s (%s, %d items) to %s", suite, SUITES[suite], n, final)
     return final
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_suites(

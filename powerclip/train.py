@@ -17,7 +17,6 @@ import argparse
 import csv
 import logging
 import math
-import os
 import time
 from pathlib import Path
 

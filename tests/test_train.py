@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from powerclip.phrases import PhraseExtractor, parse_shard
+from powerclip.phrases import parse_shard
 from powerclip.regions import PatchGrid, segment_shard
 from powerclip.synthetic import ShapesConfig, write_shard
 
