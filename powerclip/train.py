@@ -123,13 +123,6 @@ def save_atomic(obj, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def read_metrics(path: Path, upto_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    with path.open() as f:
-        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto_step]
-
-
 def write_metrics(path: Path, rows: list[dict]) -> None:
     from powerclip.shards import atomic_output
 
@@ -213,6 +206,7 @@ def main(argv=None) -> dict:
     scheduler = cosine_lr(optimizer, args.lr, args.warmup, total_steps)
 
     step = 0
+    rows: list[dict] = []
     fingerprint = run_fingerprint(args, world_size)
     if resume_path.exists():
         state = torch.load(resume_path, map_location="cpu", weights_only=False)
@@ -220,12 +214,13 @@ def main(argv=None) -> dict:
             model.load_state_dict(state["state_dict"])
             optimizer.load_state_dict(state["optimizer"])
             step = state["step"]
+            # The rows travel inside the resume checkpoint: a kill between writing it and the CSV loses nothing.
+            rows = list(state.get("metrics", [])) if master else []
             log.info("resumed from %s at step %d of %d", resume_path, step, total_steps)
         else:
             changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
             log.warning("ignoring %s: it was written with other settings (%s); starting afresh", resume_path, changed)
     metrics_path = work / "metrics.csv"
-    rows = read_metrics(metrics_path, step) if master else []
 
     train_model = PowerCLIPFeatures(model)
     if world_size > 1:
@@ -324,6 +319,7 @@ def main(argv=None) -> dict:
                         "state_dict": model.state_dict(),
                         "optimizer": optimizer.state_dict(),
                         "fingerprint": fingerprint,
+                        "metrics": rows,
                     }
                     save_atomic(state, resume_path)
                     write_metrics(metrics_path, rows)
