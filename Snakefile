@@ -29,3 +29,4 @@ rule all:
         checkpoints=all_checkpoints(),
         eval="results/eval.csv",
         plots="results/plots/eval_bars.png",
+        pictures=all_pictures(),

@@ -20,6 +20,11 @@ if DATASET not in config["datasets"]:
     raise ValueError(
         f"config: dataset {DATASET!r} is not one of datasets: {sorted(config['datasets'])}"
     )
+if "pictures" in config and config["pictures"]["dataset"] not in config["datasets"]:
+    raise ValueError(
+        f"config: pictures.dataset {config['pictures']['dataset']!r} is not one of datasets: "
+        f"{sorted(config['datasets'])}"
+    )
 REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random")
 
 
@@ -209,6 +214,25 @@ def train_args(wildcards, output):
 
 def all_checkpoints():
     return expand("results/runs/{run}/checkpoint.pt", run=runs.index)
+
+
+def picture_inputs(wildcards):
+    """The first shard of `pictures.dataset` with its phrases and `pictures.regions` regions."""
+    spec = config["pictures"]
+    dataset = spec["dataset"]
+    shard = get_shards(dataset)[0]
+    return {
+        "raw": f"resources/{dataset}/shards/{shard}.tar",
+        "phrases": f"results/{dataset}/phrases/{shard}.tar",
+        "regions": f"results/{dataset}/regions/{spec['regions']}/{shard}.tar",
+    }
+
+
+def all_pictures():
+    """Region-phrase pictures of every run, when the config asks for them (`pictures:`)."""
+    if "pictures" not in config:
+        return []
+    return expand("results/runs/{run}/region_phrases.png", run=runs.index)
 
 
 def segmenter_checkpoint(source):

@@ -21,3 +21,26 @@ rule plot_results:
         runs=list(runs.index),
     script:
         "../workflow_scripts/plot_results.py"
+
+
+rule draw_region_phrases:
+    input:
+        unpack(picture_inputs),
+        checkpoint="results/runs/{run}/checkpoint.pt",
+    output:
+        png=report(
+            "results/runs/{run}/region_phrases.png",
+            caption="../report/region_phrases.rst",
+            category="Figures",
+            subcategory="Regions and phrases",
+            labels={"run": "{run}"},
+        ),
+    log:
+        "logs/draw_region_phrases/{run}.log",
+    conda:
+        "../envs/eval.yaml"
+    params:
+        grid=config["grid"],
+        pictures=config.get("pictures", {}),
+    script:
+        "../workflow_scripts/draw_region_phrases.py"

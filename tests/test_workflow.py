@@ -31,6 +31,8 @@ def micro_config(tmp_path, **datasets):
     cfg["datasets"]["shapes"]["synthetic"]["samples_per_shard"] = 24
     cfg["train"].update(samples_per_epoch=32, epochs=2, batch_size=16, warmup_steps=1, save_every_steps=1, log_every_steps=1)
     cfg["evaluation"]["items_per_suite"] = 24
+    cfg["datasets"]["shapes_heldout"]["synthetic"]["samples_per_shard"] = 4
+    cfg["pictures"]["samples"] = 2
     # two runs of the demo's table (its extra seeds would only repeat them)
     runs = (REPO / "config" / "runs.tsv").read_text().splitlines()
     (tmp_path / "runs.tsv").write_text("\n".join(line for line in runs if line.split("\t")[0] in ("run", "clip", "powerclip")) + "\n")
@@ -202,6 +204,10 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
     report = run(base + ["--report", str(tmp_path / "report.html")], cwd=REPO)
     html = (tmp_path / "report.html").read_text()
     assert "eval_bars.png" in html and "eval.csv" in html, report.stderr[-2000:]
+    for name in ("clip", "powerclip"):  # region-phrase pictures of the held-out images, in the report too
+        assert (tmp_path / f"results/runs/{name}/region_phrases.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert "2 pictures of resources/shapes_heldout/shards/00000.tar" in (tmp_path / f"logs/draw_region_phrases/{name}.log").read_text()
+    assert "region_phrases.png" in html
     seeds = pd.read_csv(tmp_path / "results/eval_seeds.csv")
     assert set(seeds["setting"]) == {"clip", "powerclip"} and (seeds["n"] == 1).all()
     for name in ("clip", "powerclip"):
@@ -212,7 +218,7 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
 
     assert {json.loads(p.read_text())["rule"] for p in imports.glob("*.json")} == {
         "fetch_shard", "parse_shard", "segment_shard", "train", "write_eval_suites", "eval_benchmark",
-        "aggregate_run_eval", "aggregate_eval", "plot_results",
+        "aggregate_run_eval", "aggregate_eval", "plot_results", "draw_region_phrases",
     }  # fmt: skip
     assert check_recorded(imports) == {}
     # nothing left to do on a second run
