@@ -25,6 +25,11 @@ and a non-empty UTF-8 ``txt`` caption, plus ``<shard>.stats.json`` written by th
 Every source ends in :func:`repackage_shard`, which copies the kept samples byte for byte (all fields,
 not just image and caption) into an atomically written tar and counts every dropped sample under a
 reason, so ``samples_in == samples_out + samples_skipped`` holds for the fetch stage too.
+
+Evaluation data is fetched here as well, where the internet is (compute nodes often have none):
+clip-benchmark's WebDataset copies on the Hub (:func:`fetch_clip_benchmark_wds`) and SugarCrepe's COCO
+images and caption pairs (:func:`fetch_sugar_crepe_images`, :func:`fetch_sugar_crepe_task`), both laid out
+so that clip-benchmark finds them and never downloads anything itself.
 """
 
 from __future__ import annotations
@@ -41,8 +46,12 @@ import subprocess
 import tarfile
 import tempfile
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from powerclip.shards import (
     ShardFormatError,
@@ -53,6 +62,7 @@ from powerclip.shards import (
     image_field,
     iter_samples,
     split_member_name,
+    umask,
 )
 
 log = logging.getLogger(__name__)
@@ -60,11 +70,16 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DownloadError",
     "clip_benchmark_repo",
+    "extract_zip",
     "fetch_checkpoint",
     "fetch_clip_benchmark_wds",
     "fetch_huggingface_shard",
     "fetch_img2dataset_shard",
     "fetch_local_shard",
+    "fetch_sugar_crepe_images",
+    "fetch_sugar_crepe_task",
+    "fetch_url",
+    "read_sugar_crepe_annotations",
     "repackage_shard",
     "split_url_list",
 ]
@@ -790,8 +805,59 @@ def fetch_huggingface_shard(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Model checkpoints (SAM, SAM 2)
+# Plain URLs and zip archives (SAM / SAM 2 checkpoints, SugarCrepe's images)
 # --------------------------------------------------------------------------------------------------------
+
+
+def fetch_url(
+    url: str,
+    out_path: str | os.PathLike,
+    sha256: str | None = None,
+    retries: int = 3,
+    backoff_s: float = 2.0,
+    timeout_s: float = 60.0,
+    *,
+    what: str = "file",
+) -> str:
+    """Download ``url`` to ``out_path`` atomically and verify it; returns its sha256.
+
+    The bytes are streamed into a temporary file beside ``out_path`` and renamed into place only when
+    complete (as many bytes as the server's Content-Length announced) and, with ``sha256``, matching it:
+    the full digest or a prefix of it (PyTorch-hub style: SAM's ``sam_vit_h_4b8939.pth`` carries the first
+    six hex digits in its name). A short read or a mismatch is retried like a network error; HTTP 401/403/404
+    fail at once. The last failure raises :class:`DownloadError` naming the URL; ``what`` names the file in
+    messages ("checkpoint", "image archive"...).
+    """
+    expected = (sha256 or "").lower() or None
+    last: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            with atomic_output(out_path) as tmp:
+                digest = hashlib.sha256()
+                size = 0
+                with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
+                    announced = response.headers.get("Content-Length")
+                    while chunk := response.read(1 << 20):
+                        digest.update(chunk)
+                        f.write(chunk)
+                        size += len(chunk)
+                if announced is not None and announced.isdigit() and size != int(announced):
+                    raise DownloadError(f"{url}: got {size} of the {announced} bytes announced (connection cut)")
+                got = digest.hexdigest()
+                if expected is not None and not got.startswith(expected):
+                    raise DownloadError(f"{url}: sha256 {got} does not match the expected {expected}")
+            log.info("fetched %s -> %s (%d bytes, sha256 %s)", url, out_path, size, got)
+            return got
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403, 404):
+                raise DownloadError(f"{url}: HTTP {exc.code}; check the {what} URL in the config") from exc
+            last = exc
+        except (OSError, DownloadError) as exc:
+            last = exc
+        log.warning("%s download %s failed (attempt %d of %d): %s", what, url, attempt, retries, last)
+        if attempt < retries:
+            time.sleep(backoff_s * attempt)
+    raise DownloadError(f"could not fetch {url} after {retries} attempts: {last}")
 
 
 def fetch_checkpoint(
@@ -802,42 +868,75 @@ def fetch_checkpoint(
     backoff_s: float = 2.0,
     timeout_s: float = 60.0,
 ) -> str:
-    """Download a checkpoint file atomically and verify it; returns its sha256.
+    """Download a checkpoint file atomically and verify it (:func:`fetch_url`); returns its sha256."""
+    return fetch_url(url, out_path, sha256, retries, backoff_s, timeout_s, what="checkpoint")
 
-    ``sha256`` may be the full digest or a prefix of it (PyTorch-hub style: SAM's
-    ``sam_vit_h_4b8939.pth`` carries the first six hex digits in its name). A mismatch removes the file
-    and is retried like a network error; the last failure raises DownloadError naming the URL.
+
+def _zip_member_path(name: str, archive: Path) -> PurePosixPath:
+    """A member name as a relative path; absolute names and ``..`` parts (zip slip) are rejected."""
+    path = PurePosixPath(name.replace("\\", "/"))
+    if path.is_absolute() or ".." in path.parts or (path.parts and path.parts[0].endswith(":")):
+        raise ValueError(
+            f"{archive}: unsafe member {name!r} (absolute path or '..'); nothing was extracted. The archive is "
+            "not what the config's URL should serve: check the URL"
+        )
+    return path
+
+
+def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, subdir: str | None = None) -> dict:
+    """Extract a zip file into ``out_dir`` safely and atomically.
+
+    Every member name is checked before anything is written (an absolute path or a ``..`` part rejects the
+    whole archive with a ValueError naming the member). The files are extracted into a temporary folder
+    beside ``out_dir``, which is renamed into place at the end (replacing an old ``out_dir``), so a failure
+    never leaves a half folder. With ``subdir`` (e.g. ``val2017`` for COCO's ``val2017.zip``), that
+    top-level folder of the archive becomes ``out_dir`` and the members outside it are skipped and counted.
+
+    Returns ``{"archive", "members", "files", "bytes", "skipped"}``.
     """
-    import urllib.error
-    import urllib.request
-
-    from powerclip.shards import atomic_output
-
-    expected = (sha256 or "").lower() or None
-    last: Exception | None = None
-    for attempt in range(1, retries + 1):
+    archive, out_dir = Path(archive), Path(out_dir)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{archive}: not a readable zip file ({exc}); delete it and fetch it again") from exc
+    with zf:
+        members = [(info, _zip_member_path(info.filename, archive)) for info in zf.infolist()]
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        files = size = skipped = 0
         try:
-            with atomic_output(out_path) as tmp:
-                digest = hashlib.sha256()
-                with urllib.request.urlopen(url, timeout=timeout_s) as response, open(tmp, "wb") as f:
-                    while chunk := response.read(1 << 20):
-                        digest.update(chunk)
-                        f.write(chunk)
-                got = digest.hexdigest()
-                if expected is not None and not got.startswith(expected):
-                    raise DownloadError(f"{url}: sha256 {got} does not match the expected {expected}")
-            log.info("fetched %s -> %s (sha256 %s)", url, out_path, got)
-            return got
-        except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403, 404):
-                raise DownloadError(f"{url}: HTTP {exc.code}; check the checkpoint URL in the config") from exc
-            last = exc
-        except (OSError, DownloadError) as exc:
-            last = exc
-        log.warning("checkpoint download %s failed (attempt %d of %d): %s", url, attempt, retries, last)
-        if attempt < retries:
-            time.sleep(backoff_s * attempt)
-    raise DownloadError(f"could not fetch {url} after {retries} attempts: {last}")
+            for info, rel in members:
+                if subdir is not None:
+                    if rel.parts[:1] != (subdir,):
+                        skipped += 1
+                        continue
+                    rel = PurePosixPath(*rel.parts[1:])
+                if not rel.parts or info.is_dir():
+                    tmp.joinpath(*rel.parts).mkdir(parents=True, exist_ok=True)
+                    continue
+                target = tmp.joinpath(*rel.parts)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    with zf.open(info) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+                except zipfile.BadZipFile as exc:
+                    raise ValueError(f"{archive}: member {info.filename!r} is corrupt ({exc}); fetch it again") from exc
+                files += 1
+                size += info.file_size
+            if subdir is not None and files == 0:
+                tops = sorted({rel.parts[0] for _, rel in members if rel.parts})
+                raise ValueError(f"{archive}: no file under {subdir}/ (top-level entries: {tops[:10]})")
+            os.chmod(tmp, 0o777 & ~umask())
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            os.replace(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    if skipped:
+        log.info("%s: %d members outside %s/ were not extracted", archive, skipped, subdir)
+    log.info("%s -> %s: %d files, %d bytes", archive, out_dir, files, size)
+    return {"archive": str(archive), "members": len(members), "files": files, "bytes": size, "skipped": skipped}
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -921,3 +1020,108 @@ def fetch_clip_benchmark_wds(
         raise
     log.info("%s: %d shards of %s from %s", dataset, nshards, split, repo)
     return {"repo": repo, "revision": revision, "nshards": nshards, "files": files}
+
+
+# --------------------------------------------------------------------------------------------------------
+# SugarCrepe (clip-benchmark's sugar_crepe/<task>: COCO val2017 images + one JSON of caption pairs per task)
+# --------------------------------------------------------------------------------------------------------
+
+# What clip-benchmark's SugarCrepe dataset reads from each record of <root>/<task>.json.
+SUGAR_CREPE_FIELDS = ("filename", "caption", "negative_caption")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def fetch_sugar_crepe_images(
+    url: str, out_dir: str | os.PathLike, sha256: str | None = None, subdir: str = "val2017", **fetch_options
+) -> dict:
+    """Download COCO's ``val2017.zip`` and extract its ``val2017/`` folder as ``out_dir``.
+
+    The archive goes to a temporary folder beside ``out_dir`` (:func:`fetch_url`, with the optional
+    ``sha256`` check) and is deleted once extracted (:func:`extract_zip`: safe member names, atomic rename).
+    clip-benchmark would otherwise download it itself with ``wget`` on the node that evaluates.
+    Returns :func:`extract_zip`'s summary plus ``"url"``, ``"sha256"`` and ``"images"``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    name = Path(urllib.parse.urlsplit(url).path).name or "archive.zip"
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.download.", dir=out_dir.parent) as tmp:
+        digest = fetch_url(url, Path(tmp) / name, sha256, what="image archive", **fetch_options)
+        summary = extract_zip(Path(tmp) / name, out_dir, subdir=subdir)
+    images = sum(1 for p in out_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if images == 0:
+        shutil.rmtree(out_dir)
+        raise DownloadError(f"{url}: no image in its {subdir}/ folder; check the images URL in the config")
+    log.info("%s: %d images of %d files in %s", url, images, summary["files"], out_dir)
+    return {**summary, "url": url, "sha256": digest, "images": images}
+
+
+def _sugar_crepe_record_problem(record: object) -> str | None:
+    if not isinstance(record, dict):
+        return f"a {type(record).__name__} instead of an object"
+    for field in SUGAR_CREPE_FIELDS:
+        value = record.get(field)
+        if not isinstance(value, str) or not value.strip():
+            return f"{field!r} is {value!r}, not a non-empty string"
+    filename = PurePosixPath(record["filename"].replace("\\", "/"))
+    if len(filename.parts) != 1 or filename.name in (".", ".."):
+        return f"filename {record['filename']!r} is not a plain file name (clip-benchmark joins it to val2017/)"
+    return None
+
+
+def read_sugar_crepe_annotations(path: str | os.PathLike, stats: StageStats, source: str | None = None) -> dict:
+    """The records of one SugarCrepe task file, validated; counts go into ``stats``.
+
+    The file is a JSON object keyed by id whose values each have string ``filename`` (a COCO val2017 file
+    name), ``caption`` (the positive) and ``negative_caption``. Anything else raises a ValueError naming
+    ``source`` (default: ``path``) and the first bad record.
+    """
+    source = source or str(path)
+    try:
+        data = json.loads(Path(path).read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{source}: not a JSON file ({exc}); check the annotations URL in the config") from exc
+    if not isinstance(data, dict) or not data:
+        raise ValueError(
+            f"{source}: expected a non-empty JSON object of records keyed by id, got "
+            f"{type(data).__name__} of length {len(data) if hasattr(data, '__len__') else '?'}"
+        )
+    for key, record in data.items():
+        stats.samples_in += 1
+        problem = _sugar_crepe_record_problem(record)
+        if problem is not None:
+            raise ValueError(
+                f"{source}: record {key!r}: {problem}; every record needs string {list(SUGAR_CREPE_FIELDS)}. "
+                "Check the annotations URL in the config"
+            )
+        stats.samples_out += 1
+    stats.counters["images"] = len({record["filename"] for record in data.values()})
+    stats.check()
+    return data
+
+
+def fetch_sugar_crepe_task(
+    url: str, out_json: str | os.PathLike, sha256: str | None = None, stats: StageStats | None = None, **fetch_options
+) -> dict:
+    """Download one SugarCrepe task file (e.g. ``add_att.json``) and move it into place once it validates.
+
+    The bytes are kept as served; :func:`read_sugar_crepe_annotations` checks them first, so a wrong URL
+    (an HTML page, another JSON) never lands at ``out_json``. Returns the stats as a dict (``samples_in`` =
+    records read, ``samples_out`` = records kept, ``counters.images`` = distinct images).
+    """
+    out_json = Path(out_json)
+    if stats is None:
+        stats = StageStats(stage="fetch_sugar_crepe_task", shard=out_json.stem)
+    with atomic_output(out_json) as tmp:
+        digest = fetch_url(url, tmp, sha256, what="annotations", **fetch_options)
+        read_sugar_crepe_annotations(tmp, stats, source=url)
+    stats.info["source"] = {"type": "url", "url": url, "sha256": digest}
+    log.info(
+        "%s %s: %d records in, %d out, %d images -> %s",
+        stats.stage,
+        stats.shard,
+        stats.samples_in,
+        stats.samples_out,
+        stats.counters["images"],
+        out_json,
+    )
+    return stats.to_dict()

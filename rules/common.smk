@@ -252,15 +252,35 @@ def local_suites(wildcards=None):
     ]
 
 
+SUGAR_CREPE = "sugar_crepe/"  # clip-benchmark's prefix: sugar_crepe/<task> reads val2017/ and <task>.json
+
+
+def sugar_crepe_task(spec):
+    """The SugarCrepe task of a benchmark (`dataset: sugar_crepe/<task>`), or None."""
+    if spec["dataset"].startswith(SUGAR_CREPE):
+        return spec["dataset"][len(SUGAR_CREPE) :]
+    return None
+
+
 def eval_root(wildcards):
     spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
     if "suite" in spec:
         return f"resources/eval/{DATASET}/{spec['suite']}"
-    return spec.get("root", f"resources/eval/wds/{wildcards.benchmark}")
+    if "root" in spec:
+        return spec["root"]
+    if sugar_crepe_task(spec):
+        return "resources/eval/sugar_crepe"
+    return f"resources/eval/wds/{wildcards.benchmark}"
 
 
 def eval_inputs(wildcards):
     spec = config["evaluation"]["benchmarks"][wildcards.benchmark]
     if "suite" in spec:
         return {"suites": f"resources/eval/{DATASET}"}
+    task = sugar_crepe_task(spec)
+    if task and "root" not in spec:
+        return {
+            "images": "resources/eval/sugar_crepe/val2017",
+            "annotations": f"resources/eval/sugar_crepe/{task}.json",
+        }
     return {"root": eval_root(wildcards)}

@@ -1,6 +1,8 @@
 # Evaluation data needs the internet: fetched where Snakemake runs, not as a SLURM job.
 localrules:
     fetch_eval_dataset,
+    fetch_sugar_crepe_images,
+    fetch_sugar_crepe_task,
 
 
 rule write_eval_suites:
@@ -31,6 +33,41 @@ rule fetch_eval_dataset:
         spec=lambda w: config["evaluation"]["benchmarks"][w.benchmark],
     script:
         "../workflow_scripts/fetch_eval_dataset.py"
+
+
+# SugarCrepe: COCO val2017 images, shared by the 7 tasks, and one JSON of caption pairs per task, laid out
+# as clip-benchmark's sugar_crepe/<task> reads them (it would otherwise wget them on the compute node).
+rule fetch_sugar_crepe_images:
+    output:
+        images=directory("resources/eval/sugar_crepe/val2017"),
+    log:
+        "logs/fetch_sugar_crepe_images/val2017.log",
+    retries: 1
+    conda:
+        "../envs/download.yaml"
+    params:
+        url=config["evaluation"]["sugar_crepe"]["images_url"],
+        sha256=config["evaluation"]["sugar_crepe"].get("images_sha256"),
+    script:
+        "../workflow_scripts/fetch_sugar_crepe_images.py"
+
+
+rule fetch_sugar_crepe_task:
+    output:
+        annotations="resources/eval/sugar_crepe/{task}.json",
+    log:
+        "logs/fetch_sugar_crepe_task/{task}.log",
+    wildcard_constraints:
+        task="[a-z_]+",
+    retries: 1
+    conda:
+        "../envs/download.yaml"
+    params:
+        url=lambda w: config["evaluation"]["sugar_crepe"]["annotations_url"].format(
+            task=w.task
+        ),
+    script:
+        "../workflow_scripts/fetch_sugar_crepe_task.py"
 
 
 rule eval_benchmark:

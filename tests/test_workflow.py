@@ -106,7 +106,9 @@ def test_paper_config_dry_run_through_the_slurm_profile(tmp_path):
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
     assert counts["fetch_shard"] == counts["segment_shard_sam2"] == 2176
-    assert counts["train"] == 12 and counts["eval_benchmark"] == 12 * 26 and counts["fetch_eval_dataset"] == 26
+    # 26 clip-benchmark WebDatasets + SugarCrepe's 7 tasks (one JSON each, one shared COCO val2017 folder)
+    assert counts["train"] == 12 and counts["eval_benchmark"] == 12 * (26 + 7) and counts["fetch_eval_dataset"] == 26
+    assert counts["fetch_sugar_crepe_task"] == 7 and counts["fetch_sugar_crepe_images"] == 1
     train = proc.stdout[proc.stdout.index("rule train:") :]
     assert "gpu=8" in train[: train.index("\n\n")]
 

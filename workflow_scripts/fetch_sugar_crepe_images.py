@@ -1,0 +1,11 @@
+# Thin glue for rule fetch_sugar_crepe_images: see powerclip.download.fetch_sugar_crepe_images.
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
+
+from powerclip.download import fetch_sugar_crepe_images
+from powerclip.logs import log_to_file
+
+log_to_file(snakemake.log[0], rule=snakemake.rule)
+fetch_sugar_crepe_images(snakemake.params.url, snakemake.output.images, sha256=snakemake.params.sha256)
