@@ -1,10 +1,11 @@
 """Training cost of the region-phrase loss, and whether the data pipeline keeps up.
 
-    .venv/bin/python bench/bench_train.py [--steps 30] [--batch-size 64]
+    .venv/bin/python bench/bench_train.py [--steps 30] [--batch-size 64] [--device cuda --model ViT-B-16]
 
-Needs the demo's data (`make demo`, or `snakemake --cores 2 all`). Times full training steps (forward,
-loss, backward, AdamW) of `clip` (lambda = 0) and `powerclip` (lambda = 0.1, top-5 regions, 16 phrases)
-on the same tiny model, batches and threads; then the data loader's samples/s for the same batches.
+Needs the demo's data (`make demo`, or `snakemake --cores 2 all`) under --root, its regions mapped onto the
+model's patch grid. Times full training steps (forward, loss, backward, AdamW; bf16 autocast on CUDA, as
+the trainer) of `clip` (lambda = 0) and `powerclip` (lambda = 0.1, top-5 regions, 16 phrases) on the same
+model, batches and threads; then the data loader's samples/s for the same batches.
 Goals: powerclip step <= 1.10x clip step; loader >= 2x the trainer's consumption.
 """
 
@@ -28,25 +29,31 @@ from powerclip.model import create_model, forward_features, gather_mean  # noqa:
 from powerclip.train import param_groups  # noqa: E402
 
 
-def step_times(batches, sam_loss_ratio: float, model_name: str, repeats: int) -> list[float]:
-    model = create_model(model_name, seed=0)
+def step_times(batches, sam_loss_ratio: float, model_name: str, repeats: int, device: str = "cpu") -> list[float]:
+    model = create_model(model_name, seed=0).to(device)
+    cuda = device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
     optimizer = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-4)
     loss_fn = PowerClipLoss(sam_loss_ratio=sam_loss_ratio, topk=5)
     times = []
     for _ in range(repeats):
         for batch in batches:
             start = time.perf_counter()
-            out = forward_features(model, batch["image"], batch["text"])
-            extra = {}
-            if sam_loss_ratio > 0:
-                r, rm = gather_mean(out["patch_tokens"], batch["region_index"], batch["region_cells"])
-                p, pm = gather_mean(out["token_states"], batch["phrase_index"], batch["phrase_tokens"])
-                extra = dict(region_features=F.normalize(r, dim=-1), region_mask=rm, phrase_features=F.normalize(p, dim=-1), phrase_mask=pm)
-            losses = loss_fn(F.normalize(out["image_features"], dim=-1), F.normalize(out["text_features"], dim=-1),
-                             out["logit_scale"], **extra, output_dict=True)  # fmt: skip
+            with autocast:
+                out = forward_features(model, batch["image"], batch["text"])
+                extra = {}
+                if sam_loss_ratio > 0:
+                    r, rm = gather_mean(out["patch_tokens"], batch["region_index"], batch["region_cells"])
+                    p, pm = gather_mean(out["token_states"], batch["phrase_index"], batch["phrase_tokens"])
+                    extra = dict(region_features=F.normalize(r, dim=-1), region_mask=rm, phrase_features=F.normalize(p, dim=-1), phrase_mask=pm)
+                losses = loss_fn(F.normalize(out["image_features"], dim=-1), F.normalize(out["text_features"], dim=-1),
+                                 out["logit_scale"], **extra, output_dict=True)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             optimizer.step()
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     return times
 
@@ -59,19 +66,28 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="PowerCLIP-Tiny-64-8")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--root", default=".")
+    parser.add_argument("--shards", type=int, default=4, help="demo shards 00000.. to read")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    specs = workflow_shards("shapes", [f"{i:05d}" for i in range(4)], "felzenszwalb", root=args.root)
-    cfg = DataConfig(image_size=64, topk=5, max_phrases=16)
+    specs = workflow_shards("shapes", [f"{i:05d}" for i in range(args.shards)], "felzenszwalb", root=args.root)
+    image_size = create_model(args.model, seed=0).visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    cfg = DataConfig(image_size=image_size, topk=5, max_phrases=16)
     it = iter(make_loader(specs, cfg, args.batch_size, workers=0))
     batches = [next(it) for _ in range(args.steps)]
     results = {}
     for name, ratio in (("clip", 0.0), ("powerclip", 0.1)):
-        step_times(batches[:3], ratio, args.model, 1)  # warm-up
-        results[name] = statistics.median(step_times(batches, ratio, args.model, args.repeats))
+        step_times(batches[:3], ratio, args.model, 1, args.device)  # warm-up
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        results[name] = statistics.median(step_times(batches, ratio, args.model, args.repeats, args.device))
+        if args.device.startswith("cuda"):
+            results[f"peak GPU memory GB ({name})"] = torch.cuda.max_memory_allocated() / 1e9
     results["powerclip / clip"] = results["powerclip"] / results["clip"]
     consumption = args.batch_size / results["powerclip"]
-    for workers in (0, 1, 2):
+    for workers in args.loader_workers:
         loader = iter(make_loader(specs, cfg, args.batch_size, workers=workers))
         next(loader)  # start-up (worker spawn, first shard) is not throughput
         start = time.perf_counter()
@@ -80,7 +96,8 @@ def main(argv=None) -> dict:
             n += len(next(loader)["key"])
         results[f"loader samples/s, {workers} workers"] = n / (time.perf_counter() - start)
     results["trainer consumption samples/s (powerclip)"] = consumption
-    print(f"{args.model}, batch {args.batch_size}, {args.threads} threads, median of {args.steps} x {args.repeats} steps")
+    where = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {args.threads} threads"
+    print(f"{args.model} ({image_size} px), batch {args.batch_size}, {where}, median of {args.steps} x {args.repeats} steps")
     print("| measure | value |")
     print("|---|---|")
     for key, value in results.items():
