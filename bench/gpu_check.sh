@@ -7,6 +7,13 @@
 # (open_clip_torch, webdataset, segment-anything, sam2 built with SAM2_BUILD_CUDA=0, and their pure-Python
 # dependencies), and two demo shards with their phrases and felzenszwalb regions on the 224/16 grid in
 # .gpu-data/ (the workflow's layout: resources/shapes/shards, results/shapes/{phrases,regions/felzenszwalb}).
+# To make them, run the data stages with the grid overlaid (a YAML file holding
+# `grid: {image_size: 224, patch_size: 16, min_overlap: 0.5}`), e.g.
+#   .venv/bin/snakemake --cores 2 --directory /tmp/gpudata --configfile config/config.yaml grid224.yaml -- \
+#       results/shapes/phrases/0000{0,1}.tar results/shapes/regions/felzenszwalb/0000{0,1}.tar
+# and copy resources/ and results/ from /tmp/gpudata into .gpu-data/; the wheels come from
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION
+#   SAM2_BUILD_CUDA=0 pip wheel --no-deps --no-build-isolation -w .whl sam2==1.1.0
 # Each step has its own time limit and goes on after a failure; everything is written to OUT_DIR.
 set -u
 out=${1:?usage: bench/gpu_check.sh OUT_DIR}

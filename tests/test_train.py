@@ -124,3 +124,20 @@ def test_killed_run_resumes_to_the_same_weights(shards, tmp_path):
     same = ("step", "epoch", "lr", "loss", "contrastive_loss", "local_loss", "logit_scale")
     reference = list(csv.DictReader((straight / "metrics.csv").open()))
     assert [[r[k] for k in same] for r in rows] == [[r[k] for k in same] for r in reference]
+
+
+def test_two_ranks_through_torchrun_train_one_model(shards, tmp_path):
+    """DDP as the cluster runs it (torchrun --standalone, one process per GPU), here 2 CPU ranks over gloo."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    argv = train_argv(shards, tmp_path, "--sam-loss-ratio", "0.1", "--gather-with-grad")
+    argv[argv.index("--batch-size") + 1] = "4"  # per rank: the global batch stays 8
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nnodes=1", "--nproc-per-node=2", "-m", "powerclip.train", *argv],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "world size 2" in proc.stderr and "global batch 8" in proc.stderr
+    training = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["training"]
+    assert training["world_size"] == 2 and training["global_batch"] == 8 and training["steps"] == 2
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))  # written by rank 0 alone
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    assert all(float(r["local_loss"]) > 0 and float(r["contrastive_loss"]) > 0 for r in rows)
