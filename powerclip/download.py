@@ -58,11 +58,11 @@ from powerclip.shards import (
     ShardWriter,
     StageStats,
     atomic_output,
+    atomic_output_dir,
     decode_image,
     image_field,
     iter_samples,
     split_member_name,
-    umask,
 )
 
 log = logging.getLogger(__name__)
@@ -860,16 +860,9 @@ def fetch_url(
     raise DownloadError(f"could not fetch {url} after {retries} attempts: {last}")
 
 
-def fetch_checkpoint(
-    url: str,
-    out_path: str | os.PathLike,
-    sha256: str | None = None,
-    retries: int = 3,
-    backoff_s: float = 2.0,
-    timeout_s: float = 60.0,
-) -> str:
-    """Download a checkpoint file atomically and verify it (:func:`fetch_url`); returns its sha256."""
-    return fetch_url(url, out_path, sha256, retries, backoff_s, timeout_s, what="checkpoint")
+def fetch_checkpoint(url: str, out_path: str | os.PathLike, sha256: str | None = None, **options) -> str:
+    """Download a checkpoint file atomically and verify it (:func:`fetch_url` and its options); returns its sha256."""
+    return fetch_url(url, out_path, sha256, what="checkpoint", **options)
 
 
 def _zip_member_path(name: str, archive: Path) -> PurePosixPath:
@@ -901,10 +894,8 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, subdir: 
         raise ValueError(f"{archive}: not a readable zip file ({exc}); delete it and fetch it again") from exc
     with zf:
         members = [(info, _zip_member_path(info.filename, archive)) for info in zf.infolist()]
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
         files = size = skipped = 0
-        try:
+        with atomic_output_dir(out_dir) as tmp:
             for info, rel in members:
                 if subdir is not None:
                     if rel.parts[:1] != (subdir,):
@@ -926,13 +917,6 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, subdir: 
             if subdir is not None and files == 0:
                 tops = sorted({rel.parts[0] for _, rel in members if rel.parts})
                 raise ValueError(f"{archive}: no file under {subdir}/ (top-level entries: {tops[:10]})")
-            os.chmod(tmp, 0o777 & ~umask())
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     if skipped:
         log.info("%s: %d members outside %s/ were not extracted", archive, skipped, subdir)
     log.info("%s -> %s: %d files, %d bytes", archive, out_dir, files, size)
@@ -995,8 +979,7 @@ def fetch_clip_benchmark_wds(
                 time.sleep(backoff_s * attempt)
         raise AssertionError("unreachable")
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with atomic_output_dir(out_dir) as tmp:
         try:
             nshards = int(get(f"{split}/nshards.txt", tmp).read_text().strip())
         except EntryNotFoundError as exc:
@@ -1012,12 +995,6 @@ def fetch_clip_benchmark_wds(
             except EntryNotFoundError:
                 pass  # e.g. retrieval datasets have no class names
         shutil.rmtree(tmp / ".cache", ignore_errors=True)  # huggingface_hub's bookkeeping of local_dir
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("%s: %d shards of %s from %s", dataset, nshards, split, repo)
     return {"repo": repo, "revision": revision, "nshards": nshards, "files": files}
 

@@ -51,8 +51,6 @@ import io
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -61,7 +59,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from powerclip.shards import ShardWriter, umask
+from powerclip.shards import ShardWriter, atomic_output_dir
 from powerclip.synthetic import GENERATOR_VERSION, RELATIONS, SIZES, ShapesConfig, ShapesGenerator
 
 log = logging.getLogger(__name__)
@@ -457,25 +455,9 @@ def write_suite(
     if shard_size is not None and shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     cfg = shapes_config(generator_config)
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / suite
-    tmp = Path(tempfile.mkdtemp(prefix=f".{suite}.", suffix=".tmp", dir=root))
-    try:
+    final = Path(root) / suite
+    with atomic_output_dir(final) as tmp:
         _write_suite(tmp, suite, cfg, int(seed), int(n), shard_size)
-        os.chmod(tmp, 0o777 & ~umask())
-        if final.exists():
-            # A directory cannot be replaced by rename while non-empty: move the old one aside first, so
-            # readers see either the complete old suite or the complete new one (never a mix).
-            trash = Path(tempfile.mkdtemp(prefix=f".{suite}.", suffix=".old", dir=root))
-            os.replace(final, trash / suite)
-            os.replace(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote suite %s (%s, %d items) to %s", suite, SUITES[suite], n, final)
     return final
 
