@@ -405,25 +405,34 @@ IMAGES = {
 }
 
 
-class _ImageHandler(_QuietHandler):
-    def do_GET(self):
-        path = urllib.parse.urlsplit(self.path).path
-        if path not in IMAGES:
-            self.send_error(404, "File not found")
-            return
-        ctype, body = IMAGES[path]
-        self.send_response(200)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+class FileServer(LocalServer):
+    """Serves ``files`` (URL path -> bytes, or (content type, bytes)); 404 for anything else. Paths in ``cut``
+    announce more bytes than they send (a connection cut short)."""
+
+    def __init__(self, files: dict[str, bytes | tuple[str, bytes]], cut: frozenset[str] = frozenset()):
+        class Handler(_QuietHandler):
+            def do_GET(self):
+                path = urllib.parse.urlsplit(self.path).path
+                if path not in files:
+                    self.send_error(404, "File not found")
+                    return
+                ctype, body = files[path] if isinstance(files[path], tuple) else (None, files[path])
+                self.send_response(200)
+                if ctype is not None:
+                    self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body) + (100 if path in cut else 0)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        super().__init__(Handler)
+        self.url = f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture
 def image_server():
-    server = LocalServer(_ImageHandler)
+    server = FileServer(IMAGES)
     try:
-        yield f"http://127.0.0.1:{server.port}"
+        yield server.url
     finally:
         server.close()
 
@@ -831,26 +840,6 @@ def jpeg_bytes(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="JPEG", quality=95)
     return buf.getvalue()
-
-
-class FileServer(LocalServer):
-    """Serves ``files`` (URL path -> bytes); paths in ``cut`` announce more bytes than they send."""
-
-    def __init__(self, files: dict[str, bytes], cut: frozenset[str] = frozenset()):
-        class Handler(_QuietHandler):
-            def do_GET(self):
-                path = urllib.parse.urlsplit(self.path).path
-                if path not in files:
-                    self.send_error(404, "File not found")
-                    return
-                body = files[path]
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body) + (100 if path in cut else 0)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        super().__init__(Handler)
-        self.url = f"http://127.0.0.1:{self.port}"
 
 
 @pytest.fixture(scope="module")

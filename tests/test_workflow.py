@@ -241,12 +241,12 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
 def test_network_sources_through_the_rules(tmp_path):
     """img2dataset (split_url_list + fetch_shard) and huggingface, against servers on 127.0.0.1."""
     from test_download import REPO as HUB_REPO
-    from test_download import FakeHub, LocalServer, _ImageHandler
+    from test_download import IMAGES, FakeHub, FileServer
 
     exe = Path(os.environ.get("POWERCLIP_IMG2DATASET", REPO / ".venv-img2dataset" / "bin" / "img2dataset"))
     if not exe.exists():
         pytest.skip(f"img2dataset is not installed at {exe} (run `make venv`)")
-    images = LocalServer(_ImageHandler)
+    images = FileServer(IMAGES)
     release = tmp_path / "release"
     release.mkdir()
     for i in range(2):
@@ -256,7 +256,7 @@ def test_network_sources_through_the_rules(tmp_path):
         (release / f"part-{i}.tar").write_bytes((src / "resources/shapes/shards/00000.tar").read_bytes())
     hub = FakeHub({f"part-{i}.tar": (release / f"part-{i}.tar").read_bytes() for i in range(2)})
     try:
-        base = f"http://127.0.0.1:{images.port}"
+        base = images.url
         url_list = tmp_path / "urls.tsv"
         url_list.write_text(
             f"{base}/img/red.png\ta red square\n{base}/img/missing.jpg\ta lost picture\n"
