@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from powerclip import evaluate as ev
-from powerclip import suites
+from powerclip.evaluation import suites
 from powerclip.model import create_model, save_checkpoint, set_pools
 
 MODEL = "PowerCLIP-Tiny-64-8"

@@ -1,4 +1,4 @@
-"""powerclip.suites: layout clip-benchmark reads, ground truth, and the bag-of-words contract of the minimal pairs.
+"""powerclip.evaluation.suites: layout clip-benchmark reads, ground truth, and the bag-of-words contract of the minimal pairs.
 
 The bag-of-words (BoW) models below are real ``nn.Module``s with ``encode_image``/``encode_text``; their
 text embedding is a sum of per-token embeddings taken over the *sorted* token ids, so it is exactly
@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from powerclip import suites
+from powerclip.evaluation import suites
 from powerclip.evaluate import SelectionScores, caption_selection_scores, selection_metrics
 from powerclip.model import register_model_configs
 from powerclip.synthetic import COLORS, RELATIONS, ShapesConfig

@@ -1,11 +1,11 @@
-# Thin glue for rule write_eval_suites: see powerclip.suites.write_suites.
+# Thin glue for rule write_eval_suites: see powerclip.evaluation.suites.write_suites.
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
 
+from powerclip.evaluation.suites import write_suites
 from powerclip.logs import log_to_file
-from powerclip.suites import write_suites
 
 log_to_file(snakemake.log[0], rule=snakemake.rule)
 write_suites(

@@ -1,9 +1,9 @@
 """Local evaluation suites for the embedded "shapes" data, in clip-benchmark's WebDataset format.
 
 Every suite is drawn with :class:`~powerclip.synthetic.ShapesGenerator` from the *training* seed and
-generator config, but from shard indices far above any training shard (``EVAL_SHARD_BASE`` onwards; the
-synthetic source writes shards ``0 .. num_shards-1``), so no evaluation image was seen in training, while
-colours, sizes, image size, JPEG quality and held-out combinations are exactly the training ones.
+generator config, but from shard indices far above any training shard (``EVAL_SHARD_BASE`` onwards), so no
+evaluation image was seen in training while colours, sizes, image size, JPEG quality and held-out
+combinations are exactly the training ones.
 
 Layout written by :func:`write_suites` (what ``clip_benchmark.datasets.builder.build_wds_dataset`` reads,
 ``--dataset wds/<suite> --dataset_root <root>/<suite>`` or ``--dataset_root '<root>/{dataset}'``)::
@@ -15,32 +15,21 @@ Layout written by :func:`write_suites` (what ``clip_benchmark.datasets.builder.b
     <root>/<suite>/zeroshot_classification_templates.txt    shapes_cls only: one template with {c} per line
     <root>/<suite>/meta.json           ground truth: task, generator settings, one entry per item
 
-Suites (task in ``SUITES``):
+Suites (task in ``SUITES``, one line each in ``DESCRIPTIONS``): ``shapes_cls`` classifies single objects
+into the "<colour> <shape>" pairs seen in training (balanced); ``shapes_retrieval`` has 2-4 object images
+with unique generator captions; the minimal pairs (``--task image_caption_selection``, one 2-object image,
+``txt`` = "positive\\nnegative") are read through clip-benchmark's "retrieval" reader, which yields exactly
+``(image, [captions...])``, so ``dataset_type.txt`` says "retrieval" and the task is passed explicitly.
 
-* ``shapes_cls``: zero-shot classification of single-object images; classes are the "<colour> <shape>"
-  pairs seen in training (held-out pairs excluded), cycled so the classes are balanced.
-* ``shapes_retrieval``: image-text retrieval on ordinary 2-4 object training-distribution samples with
-  their generator captions, deduplicated so every caption is unique (one caption per image, ``txt``).
-* ``shapes_binding``, ``shapes_relation``, ``shapes_order``, ``shapes_control``, ``shapes_binding_heldout``:
-  minimal pairs for ``--task image_caption_selection``: one 2-object image and two one-clause captions,
-  positive first (``txt`` = "positive\\nnegative"). clip-benchmark has no image-caption-selection reader
-  for local WebDatasets, but its "retrieval" reader yields exactly what the metric consumes
-  ``(image, [captions...])``, so ``dataset_type.txt`` says "retrieval" and the task is passed explicitly.
-
-Bag-of-words design: in ``binding`` (colours swapped between the two objects) and ``order`` (the two noun
-phrases swapped around the relation) the negative has exactly the positive's multiset of words, so an
-order-insensitive text encoder gives both captions the same embedding. In ``relation`` the negative flips
-the relation word (left <-> right, above <-> below), and the positive's relation word cycles through
-left, right, above, below, so for every orientation each direction is the positive equally often: any
-fixed preference between the two words is right on exactly half of the items. ``control`` replaces one
-attribute (colour on even items, shape on odd items) with one absent from the image, which a model that
-only knows which attributes are present can solve. ``binding_heldout`` is ``binding`` on the generator's
-``heldout`` split, where every image contains a held-out colour-shape pair.
-
-Beware (see ``powerclip.evaluate``): clip-benchmark's ``image_caption_selection`` takes ``argmax`` over
-the captions with the positive at index 0, so an exact tie counts as *correct* (float noise in its matmul
-breaks a few ties either way): a bag-of-words model scores near 100 % on binding/order by clip-benchmark's
-``acc``, and exactly 50 % only under the tie-splitting ``text_acc_ties_split`` that ``run_benchmark`` adds.
+Bag-of-words design: the ``binding`` (colours swapped) and ``order`` (noun phrases swapped) negatives have
+exactly the positive's words, so an order-insensitive text encoder embeds both identically. ``relation``
+flips the relation word and cycles the positive's word through left, right, above, below, so any fixed
+preference between two words is right on exactly half the items. ``control`` replaces one attribute (colour
+on even items, shape on odd ones) with one absent from the image, solvable by knowing which attributes are
+present. ``binding_heldout`` is ``binding`` on the ``heldout`` split (every image has a held-out pair).
+clip-benchmark counts an exact tie as correct (``argmax``, positive first), so a bag-of-words model scores
+near 100 % on binding/order by its ``acc`` and exactly 50 % only on the tie-splitting
+``text_acc_ties_split`` (:mod:`powerclip.evaluation.metrics`) that the runner adds.
 """
 
 from __future__ import annotations
@@ -490,7 +479,7 @@ def read_meta(suite_dir: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, tuple[str, int]]:
-    p = argparse.ArgumentParser(prog="python -m powerclip.suites", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m powerclip.evaluation.suites", description=__doc__.splitlines()[0])
     p.add_argument("--root", required=True, help="output directory (one folder per suite)")
     p.add_argument("--seed", type=int, default=0, help="the training generator's seed")
     p.add_argument("--n", type=int, default=500, help="items per suite")
@@ -510,17 +499,9 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[str, int]]:
 
 
 __all__ = [
-    "EVAL_SHARD_BASE",
-    "SUITES",
-    "TEMPLATES",
-    "bag_of_words",
-    "clause",
-    "read_meta",
-    "shapes_config",
-    "shard_index",
-    "write_suite",
-    "write_suites",
-]
+    "EVAL_SHARD_BASE", "SUITES", "TEMPLATES", "bag_of_words", "clause", "read_meta", "shapes_config",
+    "shard_index", "write_suite", "write_suites",
+]  # fmt: skip
 
 if __name__ == "__main__":
     main()
