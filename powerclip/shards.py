@@ -3,7 +3,10 @@
 Every stage reads a raw WebDataset shard and writes one output tar plus ``<shard>.stats.json``:
 ``samples_in == samples_out + samples_skipped`` always holds, and each skipped sample is counted under
 a reason. Outputs appear under their final name only once complete (temp file + ``os.replace``), so an
-interrupted job never leaves a truncated shard behind for the next stage.
+interrupted job never leaves a truncated shard behind for the next stage; the temporaries a killed job
+left (it cannot clean up after a SIGKILL) are removed when the next job for the same output starts.
+Sample keys are checked here too (:func:`key_problem`), so no writer puts a path such as ``../x`` into a
+shard that a later ``extractall`` would write outside its folder.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -37,12 +41,52 @@ def umask() -> int:
     return mask
 
 
+# Temporaries live beside their output as ``.<output name>.<8 random characters>.<kind>``, the random part
+# from tempfile (letters, digits, "_"). The kind tells which helper made it, so each helper removes only
+# the leftovers of its own kind: a running helper never deletes another one's live temporary of the same output.
+_TEMP_RANDOM = r"[a-z0-9_]{8}"
+PART, NEW_DIR, OLD_DIR, SCRATCH = "part", "tmp", "old", "scratch"
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}."
+
+
+def remove_stale_temporaries(path: str | os.PathLike, kinds: Collection[str]) -> list[Path]:
+    """Delete the temporaries of ``path`` of the given kinds that an earlier, killed job left beside it.
+
+    Only names of exactly the helpers' form are touched (``.<name>.<random>.<kind>``), files and folders
+    alike. Returns what was removed (logged too)."""
+    path = Path(path)
+    pattern = re.compile(re.escape(_temp_prefix(path)) + _TEMP_RANDOM + r"\.(" + "|".join(map(re.escape, kinds)) + ")")
+    removed = []
+    if not path.parent.is_dir():
+        return removed
+    for entry in path.parent.iterdir():
+        if not pattern.fullmatch(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+        log.warning("removed %s, left by an interrupted job writing %s", entry, path)
+    return removed
+
+
+def _new_temp_dir(path: Path, kind: str) -> Path:
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=_temp_prefix(path), suffix=f".{kind}"))
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temp path beside ``path``; on success move it into place, on error remove it."""
+    """Yield a temp path beside ``path``; on success move it into place, on error remove it.
+
+    Stale temp files of ``path`` (from a job killed before it could clean up) are removed first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    remove_stale_temporaries(path, [PART])
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=f".{PART}")
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -59,16 +103,18 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp folder beside ``path``; on success it replaces ``path``, on error it is removed.
 
     A folder cannot be renamed over a non-empty one: an old ``path`` is moved aside first, so readers see
-    either the complete old folder or the complete new one, never a mix.
+    either the complete old folder or the complete new one, never a mix. Stale temp folders of ``path``
+    are removed first.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    remove_stale_temporaries(path, [NEW_DIR, OLD_DIR])
+    tmp = _new_temp_dir(path, NEW_DIR)
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
-            trash = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
+            trash = _new_temp_dir(path, OLD_DIR)
             os.replace(path, trash / path.name)
             os.replace(tmp, path)
             shutil.rmtree(trash, ignore_errors=True)
@@ -77,6 +123,23 @@ def atomic_output_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_dir(path: str | os.PathLike, where: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Yield a private work folder for making ``path`` (a download, a tool's raw output), removed at exit.
+
+    It lives beside ``path`` (or in ``where``) and is named after it, so the leftovers of a killed job
+    are found and removed when the next one starts."""
+    path = Path(path)
+    anchor = Path(where) / path.name if where is not None else path
+    anchor.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(anchor, [SCRATCH])
+    tmp = _new_temp_dir(anchor, SCRATCH)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:
@@ -153,6 +216,34 @@ class ShardFormatError(ValueError):
     """A shard that cannot be read as WebDataset samples; the message names the shard and the key."""
 
 
+def key_problem(key: str) -> str | None:
+    """Why ``key`` cannot name a sample in a shard, or None if it can.
+
+    A key becomes member names (``<key>.<ext>``) that tools extract as paths, so it must stay a relative
+    path inside the shard's folder: not absolute, no empty, ``.`` or ``..`` part, no backslash or NUL.
+    Its last part must not contain a dot (WebDataset splits the key at the first dot of the file name).
+    """
+    if not key:
+        return "empty key"
+    if "\\" in key or "\0" in key:
+        return "contains a backslash or a NUL"
+    if key.startswith("/"):
+        return "absolute path"
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "has an empty, '.' or '..' path part"
+    if "." in parts[-1]:
+        return "contains a dot; WebDataset splits keys at the first dot"
+    return None
+
+
+def check_key(key: str, where: str | os.PathLike) -> None:
+    """Raise a ValueError naming ``where`` if ``key`` cannot be written to a shard (:func:`key_problem`)."""
+    problem = key_problem(key)
+    if problem is not None:
+        raise ValueError(f"{where}: sample key {key!r} is unsafe ({problem}); it was not written")
+
+
 def split_member_name(name: str) -> tuple[str, str]:
     """``dir/000123.samlens.npy`` -> (``dir/000123``, ``samlens.npy``), WebDataset's key rule."""
     directory, _, base = name.rpartition("/")
@@ -220,7 +311,8 @@ def read_keys(path: str | os.PathLike) -> list[str]:
 
 
 class ShardWriter:
-    """Write samples into one tar, atomically (the final name appears only after ``close``)."""
+    """Write samples into one tar, atomically (the final name appears only after ``close``); every key is
+    checked with :func:`check_key`."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -230,8 +322,7 @@ class ShardWriter:
         self.count = 0
 
     def write(self, key: str, fields: Mapping[str, bytes]) -> None:
-        if "." in key.split("/")[-1]:
-            raise ValueError(f"{self.path}: sample key {key!r} contains a dot; WebDataset splits keys at the first dot")
+        check_key(key, self.path)
         for ext, data in fields.items():
             if ext.startswith("__"):
                 continue
