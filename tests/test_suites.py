@@ -30,7 +30,7 @@ from PIL import Image
 from torch import nn
 
 from powerclip.evaluation import suites
-from powerclip.evaluate import SelectionScores, caption_selection_scores, selection_metrics
+from powerclip.evaluation.metrics import SelectionScores, caption_selection_scores, selection_metrics
 from powerclip.model import register_model_configs
 from powerclip.synthetic import COLORS, RELATIONS, ShapesConfig
 

@@ -1,10 +1,10 @@
-# Thin glue for rule eval_benchmark: see powerclip.evaluate.run_benchmark.
+# Thin glue for rule eval_benchmark: see powerclip.evaluation.runner.run_benchmark.
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
 
-from powerclip.evaluate import run_benchmark
+from powerclip.evaluation.runner import run_benchmark
 from powerclip.logs import log_to_file
 
 log_to_file(snakemake.log[0], rule=snakemake.rule)
