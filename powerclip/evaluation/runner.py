@@ -137,6 +137,27 @@ def suite_task(dataset: str, dataset_root: str | os.PathLike[str]) -> str | None
         return None
 
 
+def _test_data(
+    dataset: str, root: str, transform: Callable[[Any], torch.Tensor], split: str, task: str, batch_size: int,
+    workers: int, options: argparse.Namespace,
+) -> tuple[Any, torch.utils.data.DataLoader]:  # fmt: skip
+    """The dataset and its DataLoader, exactly as ``cli.run`` builds them."""
+    from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_fn
+
+    data = build_dataset(
+        dataset_name=dataset, root=root, transform=transform, split=split, annotation_file=options.annotation_file,
+        download=True, language=options.language, task=task, custom_template_file=options.custom_template_file,
+        custom_classname_file=options.custom_classname_file, wds_cache_dir=options.wds_cache_dir,
+    )  # fmt: skip
+    if dataset.startswith("wds/"):
+        batches = data.batched(batch_size)
+        return data, torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers)
+    collate = get_dataset_collate_fn(dataset)
+    return data, torch.utils.data.DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate
+    )
+
+
 # --------------------------------------------------------------------------------------------- tasks
 @dataclasses.dataclass
 class Job:
@@ -261,7 +282,7 @@ def run_benchmark(
     (:func:`parse_options`, e.g. ``["--dump_classnames"]``). With ``selection_extras``, image_caption_selection
     results also carry the tie-aware metrics.
     """
-    from clip_benchmark.datasets.builder import build_dataset, get_dataset_collate_fn, get_dataset_default_task
+    from clip_benchmark.datasets.builder import get_dataset_default_task
     from clip_benchmark.models import load_clip
 
     checkpoint, dataset_root = str(checkpoint), str(dataset_root)
@@ -288,17 +309,7 @@ def run_benchmark(
                                             cache_dir=options.model_cache_dir, device=device)  # fmt: skip
     model.eval()
     root = str(_dataset_root(dataset, dataset_root))
-    data = build_dataset(
-        dataset_name=dataset, root=root, transform=transform, split=split, annotation_file=options.annotation_file,
-        download=True, language=options.language, task=task, custom_template_file=options.custom_template_file,
-        custom_classname_file=options.custom_classname_file, wds_cache_dir=options.wds_cache_dir,
-    )  # fmt: skip
-    if dataset.startswith("wds/"):
-        loader = torch.utils.data.DataLoader(data.batched(batch_size), batch_size=None, shuffle=False,
-                                             num_workers=workers)  # fmt: skip
-    else:
-        loader = torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                             collate_fn=get_dataset_collate_fn(dataset))  # fmt: skip
+    data, loader = _test_data(dataset, root, transform, split, task, batch_size, workers, options)
     log.info("%s on %s (%s, %s, batch %d, %d workers, amp=%s)", checkpoint, dataset, task, device, batch_size,
              workers, amp)  # fmt: skip
     job = Job(dataset=dataset, root=root, model_id=f"{model_name}-{checkpoint}-{dataset}".replace("/", "_"),
