@@ -1,11 +1,13 @@
 """Shard lists of the configured datasets, with the standard library only.
 
 The Snakefile imports this module at parse time, in whatever environment runs Snakemake itself (a
-login node's base env), so it must not need numpy, torch or webdataset.
+login node's base env), so it must not need numpy, torch or webdataset. The rules also take from it what
+each fetch job is told (a local shard's file, a Hub shard's file name), so no job recomputes the list.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import re
@@ -103,12 +105,18 @@ def shard_names(dataset: dict) -> list[str]:
     return names
 
 
+@functools.lru_cache(maxsize=16)
+def _huggingface_files(pattern: str) -> dict[str, str]:
+    files: dict[str, str] = {}
+    for path in expand_braces(pattern):
+        files.setdefault(shard_name_of(path), path)
+    return files
+
+
 def huggingface_filename(dataset: dict, shard: str) -> str:
-    for path in expand_braces(dataset["huggingface"]["filename_pattern"]):
-        if shard_name_of(path) == shard:
-            return path
-    raise KeyError(f"shard {shard!r} is not in {dataset['huggingface']['filename_pattern']!r}")
-
-
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
+    """The file of the Hub repository that is shard ``shard`` (expanded once per pattern, then looked up)."""
+    pattern = dataset["huggingface"]["filename_pattern"]
+    try:
+        return _huggingface_files(pattern)[shard]
+    except KeyError:
+        raise KeyError(f"shard {shard!r} is not in {pattern!r}") from None

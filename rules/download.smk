@@ -1,5 +1,10 @@
 # Downloads need the internet, which compute nodes often lack: on a cluster these rules run where
-# Snakemake runs (the login node), not as SLURM jobs.
+# Snakemake runs (the login node), not as SLURM jobs. No `retries:` here: the package retries transient
+# network errors itself (powerclip.fetch.http.retry), and any other error (a corrupt tar, a 404, a
+# missing file) would only fail the same way again.
+from powerclip.datasets import huggingface_filename
+
+
 localrules:
     split_url_list,
     fetch_shard,
@@ -30,12 +35,17 @@ rule fetch_shard:
         stats="resources/{dataset}/shards/{shard}.stats.json",
     log:
         "logs/fetch_shard/{dataset}/{shard}.log",
-    retries: 2
     conda:
         "../envs/download.yaml"
     threads: 1
     params:
         dataset=get_dataset,
+        index=lambda w: get_shards(w.dataset).index(w.shard),
+        filename=lambda w: (
+            huggingface_filename(get_dataset(w), w.shard)
+            if get_dataset(w)["source"] == "huggingface"
+            else None
+        ),
     script:
         "../workflow_scripts/fetch_shard.py"
 
@@ -45,7 +55,6 @@ rule fetch_checkpoint:
         checkpoint="resources/checkpoints/{checkpoint}",
     log:
         "logs/fetch_checkpoint/{checkpoint}.log",
-    retries: 1
     conda:
         "../envs/download.yaml"
     params:

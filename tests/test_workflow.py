@@ -240,8 +240,8 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
 @pytest.mark.slow
 def test_network_sources_through_the_rules(tmp_path):
     """img2dataset (split_url_list + fetch_shard) and huggingface, against servers on 127.0.0.1."""
-    from test_download import REPO as HUB_REPO
-    from test_download import IMAGES, FakeHub, FileServer
+    from servers import REPO as HUB_REPO
+    from servers import IMAGES, FakeHub, FileServer
 
     exe = Path(os.environ.get("POWERCLIP_IMG2DATASET", REPO / ".venv-img2dataset" / "bin" / "img2dataset"))
     if not exe.exists():

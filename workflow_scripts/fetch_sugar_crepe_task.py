@@ -1,10 +1,10 @@
-# Thin glue for rule fetch_sugar_crepe_task: see powerclip.download.fetch_sugar_crepe_task.
+# Thin glue for rule fetch_sugar_crepe_task: see powerclip.evaluation.fetch.fetch_sugar_crepe_task.
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
 
-from powerclip.download import fetch_sugar_crepe_task
+from powerclip.evaluation.fetch import fetch_sugar_crepe_task
 from powerclip.logs import log_to_file
 
 log_to_file(snakemake.log[0], rule=snakemake.rule)

@@ -1,10 +1,10 @@
-# Thin glue for rule split_url_list: see powerclip.download.split_url_list.
+# Thin glue for rule split_url_list: see powerclip.fetch.url_list.split_url_list.
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(snakemake.scriptdir).parent))  # the repo's package, in any environment
 
-from powerclip.download import split_url_list
+from powerclip.fetch.url_list import split_url_list
 from powerclip.logs import log_to_file
 
 log_to_file(snakemake.log[0], rule=snakemake.rule)
