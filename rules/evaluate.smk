@@ -26,7 +26,6 @@ rule fetch_eval_dataset:
         root=directory("resources/eval/wds/{benchmark}"),
     log:
         "logs/fetch_eval_dataset/{benchmark}.log",
-    retries: 1
     conda:
         "../envs/download.yaml"
     params:
@@ -42,7 +41,6 @@ rule fetch_sugar_crepe_images:
         images=directory("resources/eval/sugar_crepe/val2017"),
     log:
         "logs/fetch_sugar_crepe_images/val2017.log",
-    retries: 1
     conda:
         "../envs/download.yaml"
     params:
@@ -59,7 +57,6 @@ rule fetch_sugar_crepe_task:
         "logs/fetch_sugar_crepe_task/{task}.log",
     wildcard_constraints:
         task="[a-z_]+",
-    retries: 1
     conda:
         "../envs/download.yaml"
     params:
