@@ -189,3 +189,26 @@ def test_redirects_must_stay_on_allowed_schemes(tmp_path):
         server.close()
     assert server.requests == ["/to-ftp.zip", "/ok.zip", "/real.zip"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.zip"]
+
+
+# ------------------------------------------------------------------------------------------------ pinned defaults
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "cc12m.yaml"])
+def test_every_default_download_is_pinned(name):
+    """Checkpoints carry their full sha256, SugarCrepe's images theirs and its annotations come from one commit."""
+    import yaml
+    from snakemake.utils import validate
+
+    from servers import REPO_ROOT
+
+    config = yaml.safe_load((REPO_ROOT / "config" / name).read_text())
+    validate(config, str(REPO_ROOT / "schemas" / "config.schema.yaml"))  # fills in the schema's defaults
+    assert config["checkpoints"], "the SAM and SAM 2.1 checkpoints are listed"
+    for file, spec in config["checkpoints"].items():
+        assert spec["url"].startswith("https://") and spec["url"].endswith("/" + file)
+        assert re.fullmatch(r"[0-9a-f]{64}", spec["sha256"]), f"{name}: checkpoint {file} is not pinned by a full sha256"
+    sugar_crepe = config["evaluation"]["sugar_crepe"]
+    assert re.fullmatch(r"[0-9a-f]{64}", sugar_crepe["images_sha256"])
+    assert re.fullmatch(r"https://raw\.githubusercontent\.com/RAIVNLab/sugar-crepe/[0-9a-f]{40}/data/\{task\}\.json",
+                        sugar_crepe["annotations_url"])  # fmt: skip
