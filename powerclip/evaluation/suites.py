@@ -5,15 +5,11 @@ generator config, but from shard indices far above any training shard (``EVAL_SH
 evaluation image was seen in training while colours, sizes, image size, JPEG quality and held-out
 combinations are exactly the training ones.
 
-Layout written by :func:`write_suites` (what ``clip_benchmark.datasets.builder.build_wds_dataset`` reads,
-``--dataset wds/<suite> --dataset_root <root>/<suite>`` or ``--dataset_root '<root>/{dataset}'``)::
-
-    <root>/<suite>/test/0.tar          {key}.jpg + {key}.cls (classification) or {key}.txt (other suites)
-    <root>/<suite>/test/nshards.txt    number of tars ("1"); tars are named 0.tar .. N-1.tar
-    <root>/<suite>/dataset_type.txt    "classification" or "retrieval"
-    <root>/<suite>/classnames.txt                           shapes_cls only: one class per line
-    <root>/<suite>/zeroshot_classification_templates.txt    shapes_cls only: one template with {c} per line
-    <root>/<suite>/meta.json           ground truth: task, generator settings, one entry per item
+:func:`write_suites` writes one folder per suite in the layout of clip-benchmark's WebDataset reader
+(``--dataset wds/<suite> --dataset_root <root>/<suite>``): ``test/<i>.tar`` with ``.jpg`` + ``.cls`` or
+``.txt``, ``test/nshards.txt``, ``dataset_type.txt``, for ``shapes_cls`` ``classnames.txt`` and
+``zeroshot_classification_templates.txt``, and the ground truth in ``meta.json`` (docs/formats.md, "Local
+evaluation suites").
 
 Suites (task in ``SUITES``, one line each in ``DESCRIPTIONS``): ``shapes_cls`` classifies single objects
 into the "<colour> <shape>" pairs seen in training (balanced); ``shapes_retrieval`` has 2-4 object images
