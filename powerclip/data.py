@@ -42,6 +42,7 @@ class ShardSpec:
 @dataclass(frozen=True)
 class DataConfig:
     image_size: int = 64
+    patch_size: int = 8  # with image_size, the grid that region cells index (row-major)
     context_length: int = 77
     topk: int = 5  # regions per image (the loss's M)
     topk_random: bool = False  # sample k regions at random instead of the k largest
@@ -139,6 +140,13 @@ class SampleProcessor:
             return out
         rng = sample_rng(self.cfg.seed, self.epoch, key)
         regions = decode_regions(sample["samlens.npy"], sample["samcat.npy"])
+        cells = (self.cfg.image_size // self.cfg.patch_size) ** 2
+        if any(cell >= cells for region in regions for cell in region):
+            raise ValueError(
+                f"{shard}: sample {key!r} has a region cell >= {cells}, outside the model's "
+                f"{self.cfg.image_size}/{self.cfg.patch_size} grid: its regions were mapped onto another grid; "
+                "recompute them with the model's grid (config grid:) or train the matching model"
+            )
         out["regions"] = select_regions(regions, self.cfg.topk, self.cfg.topk_random, rng)
         if self.cfg.use_parse_phrases:
             phrases = decode_njson(sample["njson"])
@@ -146,6 +154,29 @@ class SampleProcessor:
             phrases = token_phrases(int((text != 0).sum()) - 2, self.cfg.context_length)
         out["phrases"] = phrases[: self.cfg.max_phrases]
         return out
+
+
+def check_sidecar_grid(specs: Sequence[ShardSpec], cfg: DataConfig) -> None:
+    """Refuse regions sidecars mapped onto another grid than the model's, as their stage statistics record
+    it (``<shard>.stats.json`` next to the sidecar; a sidecar without one is checked sample by sample)."""
+    import json
+    from pathlib import Path
+
+    for spec in specs:
+        if spec.regions is None:
+            continue
+        stats = Path(spec.regions).with_suffix(".stats.json")
+        if not stats.is_file():
+            log.warning("%s: no %s to check its grid against; its cells are checked sample by sample", spec.regions, stats.name)
+            continue
+        info = json.loads(stats.read_text()).get("info", {})
+        grid = (info.get("image_size"), info.get("patch_size"))
+        if grid != (cfg.image_size, cfg.patch_size):
+            raise ValueError(
+                f"{spec.regions}: its regions were mapped onto a {grid[0]}/{grid[1]} grid ({stats}), but the model's "
+                f"grid is {cfg.image_size}/{cfg.patch_size} (image size / patch size); recompute the regions with "
+                "config grid: equal to the model's, or train the matching model"
+            )
 
 
 def pad_groups(groups: Sequence[Sequence[Sequence[int]]], slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """OpenCLIP models with PowerCLIP pooling, token features in the joint space, and checkpoints.
 
 PowerCLIP trains stock OpenCLIP towers with **average pooling in both towers** (the official README: load
-its models with avg pooling). Our formulation (``/work/shared/METHOD.md``) pools global, region and phrase
+its models with avg pooling). Our formulation (docs/method.md) pools global, region and phrase
 features on the *same* path: the global image feature is the mean of the projected patch tokens, a region
 feature is the mean over the region's patch cells; the global text feature is the mean of the projected token
 states over the caption's real tokens (SOT..EOT, never padding), a phrase feature the mean over the phrase's
@@ -26,7 +26,6 @@ longer match), CoCa-style text CLS tokens, and text avg pooling with a non-CLIP 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import json
@@ -42,13 +41,15 @@ import open_clip
 import open_clip.model as oc_model
 import open_clip.transformer as oc_transformer
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 
-VISION_POOLS: dict[str, str] = {"avg": "avg", "cls": "tok"}  # ours -> open_clip VisionTransformer.pool_type
+# ours -> open_clip VisionTransformer.pool_type ("max" is added by install_pools, like text "avg")
+VISION_POOLS: dict[str, str] = {"avg": "avg", "cls": "tok", "max": "max"}
 TEXT_POOLS: dict[str, str] = {"avg": "avg", "argmax": "argmax"}  # ours -> open_clip text pool_type
 
 # open_clip's SimpleTokenizer pads with 0; SOT (49406) and EOT (49407) are real tokens and are averaged.
@@ -125,6 +126,28 @@ def _avg_pool_wrapper(original: Callable[..., torch.Tensor]) -> Callable[..., to
     return text_global_pool
 
 
+def _max_pool_wrapper(original: Callable[..., tuple[torch.Tensor, torch.Tensor]]):
+    @functools.wraps(original)
+    def _global_pool(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pool_type == "max":  # CLIPpy's image pooling: the maximum over the patch tokens (no CLS)
+            return x[:, 1:].amax(dim=1), x[:, 1:]
+        return original(self, x)
+
+    _global_pool._powerclip_max = True  # type: ignore[attr-defined]
+    return _global_pool
+
+
+def install_pools() -> None:
+    """Add the pool types open_clip lacks, without forking it (idempotent): text ``"avg"`` (see
+    :func:`install_text_avg_pool`) and vision ``"max"``, by wrapping ``VisionTransformer._global_pool``,
+    which ``VisionTransformer._pool`` calls after ``ln_post``."""
+    install_text_avg_pool()
+    with _LOCK:
+        current = oc_transformer.VisionTransformer._global_pool
+        if not getattr(current, "_powerclip_max", False):
+            oc_transformer.VisionTransformer._global_pool = _max_pool_wrapper(current)
+
+
 def install_text_avg_pool() -> None:
     """Wrap ``text_global_pool`` in ``open_clip.transformer`` and ``open_clip.model`` once (idempotent).
 
@@ -145,9 +168,11 @@ def install_text_avg_pool() -> None:
 
 # ------------------------------------------------------------------------------------- model building
 def unwrap_model(model: nn.Module) -> nn.Module:
-    """The bare open_clip model inside DDP / DataParallel / torch.compile / ``PowerCLIPFeatures``."""
+    """The bare open_clip model inside DDP / DataParallel / torch.compile / a training method."""
+    from powerclip.methods.base import TrainingMethod
+
     while True:
-        if isinstance(model, PowerCLIPFeatures):
+        if isinstance(model, TrainingMethod):
             model = model.model
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -181,14 +206,18 @@ def _check_vision_tower(visual: nn.Module) -> None:
         raise NotImplementedError("attentional pooling is not supported: its outputs are not patch tokens")
     if visual.final_ln_after_pool:
         raise NotImplementedError(
-            "final_ln_after_pool=True is not supported: METHOD.md requires the norm after pooling to be "
+            "final_ln_after_pool=True is not supported: docs/method.md requires the norm after pooling to be "
             "applied to every region mean exactly as to the global mean, which gather_mean does not do; "
             "use a config with final_ln_after_pool=False"
         )
-    if not isinstance(visual.patch_dropout, nn.Identity):
+
+
+def _check_all_patch_tokens(visual: nn.Module) -> None:
+    """Token features need every patch token in grid order: refuse active patch dropout (FLIP's training)."""
+    if visual.training and getattr(visual.patch_dropout, "prob", 0.0) > 0:
         raise NotImplementedError(
-            "patch dropout is not supported: it drops patch tokens, so region cell indices would no longer "
-            "address the right patches; build with force_patch_dropout=0"
+            "patch tokens are not defined under active patch dropout: it drops tokens, so region cell indices "
+            "would no longer address the right patches (patch dropout is inactive in eval mode)"
         )
 
 
@@ -214,7 +243,7 @@ def set_pools(model: nn.Module, vision_pool: str = "avg", text_pool: str = "avg"
     if text_pool not in TEXT_POOLS:
         raise ValueError(f"text_pool must be one of {sorted(TEXT_POOLS)}, got {text_pool!r}")
     model = unwrap_model(model)
-    install_text_avg_pool()
+    install_pools()
     model.visual.pool_type = VISION_POOLS[vision_pool]
     if _text_tower_kind(model) == "clip":
         model.text_pool_type = TEXT_POOLS[text_pool]
@@ -246,11 +275,13 @@ def create_model(
     if text_pool not in TEXT_POOLS:
         raise ValueError(f"text_pool must be one of {sorted(TEXT_POOLS)}, got {text_pool!r}")
     register_model_configs()
-    install_text_avg_pool()
+    install_pools()
     model_cfg = open_clip.get_model_config(model_name)
 
     def build() -> nn.Module:
-        return open_clip.create_model(model_name, pretrained=pretrained, device=device, **model_kwargs)
+        # released weights are read with weights_only=True: a pickle that would run code is refused
+        safe = {"weights_only": True} if pretrained else {}
+        return open_clip.create_model(model_name, pretrained=pretrained, device=device, **safe, **model_kwargs)
 
     if seed is None:
         model = build()
@@ -301,11 +332,12 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
     module was built with ``output_tokens``. Both outputs are unnormalised; with avg pooling
     ``pooled == patch_tokens.mean(1) == model.encode_image(images)``.
 
-    Call this on the bare model; under DDP wrap the model in ``PowerCLIPFeatures`` so the forward goes
-    through the DDP wrapper.
+    Call this on the bare model; under DDP the training method (powerclip.methods) calls it inside its own
+    forward, so the pass goes through the DDP wrapper.
     """
     visual = model.visual
     _check_vision_tower(visual)
+    _check_all_patch_tokens(visual)
     x = visual._embeds(images)
     x = visual.transformer(x)
     pooled, tokens = visual._pool(x)  # ln_post is applied to all tokens before pooling (checked above)
@@ -391,6 +423,20 @@ def gather_mean(
     return features, count > 0
 
 
+def region_phrase_features(out: Mapping[str, torch.Tensor], batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """L2-normalised region and phrase features with their validity masks, from ``forward_features``'
+    token features and a batch's index sets (powerclip.data). The one pooling path for region and phrase
+    features: training, the pictures and the benchmarks all call it."""
+    regions, region_mask = gather_mean(out["patch_tokens"], batch["region_index"], batch["region_cells"])
+    phrases, phrase_mask = gather_mean(out["token_states"], batch["phrase_index"], batch["phrase_tokens"])
+    return {
+        "region_features": F.normalize(regions, dim=-1),
+        "region_mask": region_mask,
+        "phrase_features": F.normalize(phrases, dim=-1),
+        "phrase_mask": phrase_mask,
+    }
+
+
 def forward_features(model: nn.Module, images: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
     """Unnormalised global features, the token features they pool, and ``logit_scale.exp()``."""
     image_features, patch_tokens = encode_image_tokens(model, images)
@@ -407,21 +453,6 @@ def forward_features(model: nn.Module, images: torch.Tensor, text: torch.Tensor)
     return out
 
 
-class PowerCLIPFeatures(nn.Module):
-    """``forward(images, text) -> forward_features(...)`` as a module, so DDP can wrap the whole pass.
-
-    Calling ``encode_*_tokens`` on ``ddp.module`` would bypass DistributedDataParallel's forward; wrap
-    ``PowerCLIPFeatures(model)`` in DDP instead. ``save_checkpoint`` unwraps it.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
-        return forward_features(self.model, images, text)
-
-
 # ------------------------------------------------------------------------------------------ checkpoints
 def _strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if state_dict and all(k.startswith("module.") for k in state_dict):
@@ -430,7 +461,7 @@ def _strip_module_prefix(state_dict: Mapping[str, torch.Tensor]) -> dict[str, to
 
 
 def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, **extra: Any) -> Path:
-    """Atomically write ``{"powerclip_cfg", "state_dict", **extra}`` (temp file in the same dir + replace)."""
+    """Atomically write ``{"powerclip_cfg", "state_dict", **extra}`` (powerclip.shards.atomic_output)."""
     bare = unwrap_model(model)
     cfg = getattr(bare, "powerclip_cfg", None)
     if cfg is None:
@@ -438,20 +469,14 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, **extra: Any
     clash = {"powerclip_cfg", "state_dict"} & set(extra)
     if clash:
         raise ValueError(f"save_checkpoint: extra keys {sorted(clash)} are reserved")
+    from powerclip.shards import atomic_output
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"powerclip_cfg": copy.deepcopy(cfg), "state_dict": bare.state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # readers see the old file or the complete new one, never a partial write
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_output(path) as tmp, tmp.open("wb") as f:  # readers never see a partial file
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
     log.info("saved checkpoint %s", path)
     return path
 
@@ -459,14 +484,15 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, **extra: Any
 def load_model(
     path_or_dict: str | os.PathLike[str] | Mapping[str, Any],
     device: str | torch.device = "cpu",
-    weights_only: bool = True,
 ) -> nn.Module:
-    """Rebuild a model saved by ``save_checkpoint`` (same config and pools) and load its weights strictly."""
+    """Rebuild a model saved by ``save_checkpoint`` (same config and pools) and load its weights strictly.
+
+    The file is read with ``weights_only=True``: a pickle that would run code is refused."""
     if isinstance(path_or_dict, Mapping):
         checkpoint, source = path_or_dict, "<dict>"
     else:
         source = str(path_or_dict)
-        checkpoint = torch.load(source, map_location="cpu", weights_only=weights_only)
+        checkpoint = torch.load(source, map_location="cpu", weights_only=True)
     if (
         not isinstance(checkpoint, Mapping)
         or "powerclip_cfg" not in checkpoint
@@ -530,17 +556,18 @@ __all__ = [
     "MODEL_CONFIG_DIR",
     "PAD_TOKEN_ID",
     "SOT_TOKEN_ID",
-    "PowerCLIPFeatures",
     "count_parameters",
     "create_model",
     "encode_image_tokens",
     "encode_text_tokens",
     "forward_features",
     "gather_mean",
+    "install_pools",
     "install_text_avg_pool",
     "load_model",
     "load_openclip_checkpoint",
     "masked_token_mean",
+    "region_phrase_features",
     "register_model_configs",
     "save_checkpoint",
     "set_pools",

@@ -39,19 +39,24 @@ def eval_bars(seeds: pd.DataFrame, out_png) -> None:
     plt.close(fig)
 
 
+# metrics.csv columns that are not curves of the loss terms (powerclip.train writes them for every method)
+NOT_CURVES = ("step", "epoch", "lr", "samples_per_s", "data_s", "batch_s", "local_skipped_pairs")
+
+
 def training_curves(metrics: Mapping[str, str | Path], out_png) -> None:
-    """Loss terms and logit scale against the step, one line per run."""
+    """Each loss term and the logit scale against the step, one line per run. The panels are the union of
+    the runs' metrics columns (a method logs its own terms: powerclip.methods)."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for run, path in sorted(metrics.items()):
-        frame = pd.read_csv(path)
-        axes[0].plot(frame["step"], frame["contrastive_loss"], label=run)
-        axes[1].plot(frame["step"], frame["local_loss"], label=run)
-        axes[2].plot(frame["step"], frame["logit_scale"], label=run)
-    for ax, title in zip(axes, ("CLIP loss", "region-phrase loss", "logit scale")):
-        ax.set_title(title)
+    frames = {run: pd.read_csv(path) for run, path in sorted(metrics.items())}
+    panels = list(dict.fromkeys(c for f in frames.values() for c in f.columns if c not in NOT_CURVES))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6), squeeze=False)
+    for ax, column in zip(axes[0], panels):
+        for run, frame in frames.items():
+            if column in frame:
+                ax.plot(frame["step"], frame[column], label=run)
+        ax.set_title(column.replace("_", " "))
         ax.set_xlabel("step")
-    axes[0].legend(fontsize="x-small")
+    axes[0][0].legend(fontsize="x-small")
     fig.tight_layout()
     Path(out_png).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=120)

@@ -1,107 +1,37 @@
 """Train one run: ``python -m powerclip.train ...`` (CPU) or ``torchrun --standalone --nproc-per-node=N -m
-powerclip.train ...`` (GPUs); ``main(argv)`` runs in-process for tests.
+powerclip.train ...`` (GPUs); ``main(argv)`` runs in-process for tests. Options: powerclip.train_params.
 
 The loop follows open_clip_train: AdamW without weight decay on gains/biases/logit scale, open_clip's
-cosine schedule with linear warm-up (per step), AMP (bf16) on GPU, optional gradient checkpointing, DDP
-from torchrun's environment. Everything that makes a run reproducible is seeded: model init, and the data
-stream of every epoch (see powerclip.data). A resumable checkpoint is written every ``--save-every``
-steps into ``<work-dir>/resume/latest.pt`` (outside the Snakemake outputs, which Snakemake deletes when a
-job fails); a rerun with the same arguments resumes from it, rebuilds the epoch's stream and skips the
-batches already consumed, so it ends at the same step with the same weights as an uninterrupted run. The
-final checkpoint (model config with its pooling + weights) and the metrics CSV are written atomically.
+cosine schedule with linear warm-up (per step), bf16 autocast on GPU, DDP from torchrun's environment. The
+training method (powerclip.methods: model forward, batch needs, loss) is separate from the loop, which only
+steps. Everything random is seeded (model init, the data stream of every epoch: powerclip.data), so a run
+killed mid-way resumes from ``<work-dir>/resume/latest.pt`` to the same weights as an uninterrupted one.
+See docs/formats.md ("Checkpoints") for what the files hold.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import math
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+
+from powerclip.train_params import NOT_IN_FINGERPRINT, parse_args
 
 log = logging.getLogger(__name__)
 
-METRICS = (
-    "step",
-    "epoch",
-    "lr",
-    "loss",
-    "contrastive_loss",
-    "local_loss",
-    "logit_scale",
-    "local_skipped_pairs",
-    "samples_per_s",
-    "data_s",
-    "batch_s",
-)
-
-
-def str2bool(value: str) -> bool:
-    if value.lower() in ("1", "true", "yes", "on"):
-        return True
-    if value.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m powerclip.train", description=__doc__.splitlines()[0])
-    data = p.add_argument_group("data")
-    data.add_argument("--train-data", required=True, help="brace pattern of raw (or combined-format) shards")
-    data.add_argument("--phrases-dir", help="directory of the phrases sidecars (<shard>.tar); omit for combined shards")
-    data.add_argument("--regions-dir", help="directory of the regions sidecars (<shard>.tar); omit for combined shards")
-    data.add_argument("--samples-per-epoch", type=int, required=True, help="samples per epoch (all ranks together)")
-    data.add_argument("--workers", type=int, default=1, help="DataLoader workers per rank")
-    data.add_argument("--shuffle-buffer", type=int, default=1000)
-    out = p.add_argument_group("outputs")
-    out.add_argument("--checkpoint", required=True, help="final checkpoint path (written atomically at the end)")
-    out.add_argument("--metrics", help="final metrics CSV path (default: <work-dir>/metrics.csv only)")
-    out.add_argument("--work-dir", required=True, help="resume checkpoints, running metrics, TensorBoard")
-    out.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
-    out.add_argument("--log-every", type=int, default=10, help="steps between metrics rows")
-    out.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (<work-dir>/tensorboard)")
-    model = p.add_argument_group("model")
-    model.add_argument("--model", default="PowerCLIP-Tiny-64-8", help="open_clip model config name")
-    model.add_argument("--vision-pool", choices=("avg", "cls"), default="avg")
-    model.add_argument("--text-pool", choices=("avg", "argmax"), default="avg")
-    model.add_argument("--grad-checkpointing", action="store_true")
-    opt = p.add_argument_group("optimisation")
-    opt.add_argument("--epochs", type=int, default=1)
-    opt.add_argument("--batch-size", type=int, default=64, help="per rank")
-    opt.add_argument("--lr", type=float, default=5e-4)
-    opt.add_argument("--wd", type=float, default=0.2)
-    opt.add_argument("--beta1", type=float, default=0.9)
-    opt.add_argument("--beta2", type=float, default=0.98)
-    opt.add_argument("--eps", type=float, default=1e-6)
-    opt.add_argument("--warmup", type=int, default=10, help="warm-up steps")
-    opt.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    opt.add_argument("--seed", type=int, default=0)
-    opt.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    opt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    loss = p.add_argument_group("region-phrase loss (METHOD.md)")
-    loss.add_argument("--sam-loss-ratio", type=float, default=0.1, help="lambda; 0 = plain CLIP (no regions read)")
-    loss.add_argument("--sam-regions-topk", type=int, default=5)
-    loss.add_argument("--sam-regions-topk-random", type=str2bool, default=False)
-    loss.add_argument("--use-parse-phrases", type=str2bool, default=True)
-    loss.add_argument("--softplus-scoring", type=str2bool, default=True)
-    loss.add_argument("--softplus-tau", type=float, default=0.001)
-    loss.add_argument("--softplus-alpha", type=float, default=0.75)
-    loss.add_argument("--max-phrases", type=int, default=16, help="phrases per caption fed to the loss")
-    loss.add_argument("--text-chunk", type=int, default=None, help="texts per chunk of the B x B x M x P scores")
-    loss.add_argument("--local-loss", action="store_true", help="open_clip's local_loss (DDP)")
-    loss.add_argument("--gather-with-grad", action="store_true", help="open_clip's gather_with_grad (DDP)")
-    return p.parse_args(argv)
-
-
-# Arguments that do not change what is trained: a resume checkpoint stays valid when only these differ.
-NOT_IN_FINGERPRINT = {"checkpoint", "metrics", "work_dir", "save_every", "log_every", "tensorboard", "device", "threads"}
+# Columns of metrics.csv before and after the method's own (TrainingMethod.metric_names).
+METRICS_HEAD = ("step", "epoch", "lr", "loss")
+METRICS_TAIL = ("logit_scale", "samples_per_s", "data_s", "batch_s")
 
 
 def run_fingerprint(args, world_size: int) -> dict:
+    """What a resume checkpoint must match: every option that changes what is trained, and the world size."""
     return {**{k: v for k, v in vars(args).items() if k not in NOT_IN_FINGERPRINT}, "world_size": world_size}
 
 
@@ -116,20 +46,61 @@ def param_groups(model: torch.nn.Module, wd: float) -> list[dict]:
     return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": wd}]
 
 
-def save_atomic(obj, path: Path) -> None:
-    from powerclip.shards import atomic_output
-
-    with atomic_output(path) as tmp:
-        torch.save(obj, tmp)
-
-
-def write_metrics(path: Path, rows: list[dict]) -> None:
+def write_metrics(path: Path, rows: list[dict], columns: tuple[str, ...]) -> None:
     from powerclip.shards import atomic_output
 
     with atomic_output(path) as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS)
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+
+
+@dataclass
+class Resume:
+    """The resumable state of a run in ``<work-dir>/resume/latest.pt`` (outside Snakemake's outputs, which
+    it deletes when a job fails): step, weights, optimizer state, metrics rows so far, and the fingerprint
+    of the settings, and the random number generators' states. Plain tensors and containers only, read with
+    ``weights_only=True``."""
+
+    path: Path
+    fingerprint: dict
+    step: int = 0
+    rows: list[dict] = field(default_factory=list)
+
+    def load(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        if not self.path.exists():
+            return
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise RuntimeError(
+                f"{self.path}: cannot be read as a resume checkpoint of plain tensors and containers ({exc}); "
+                "delete it to start the run afresh"
+            ) from exc
+        if state.get("fingerprint") != self.fingerprint:
+            changed = sorted(k for k in self.fingerprint if state.get("fingerprint", {}).get(k) != self.fingerprint[k])
+            log.warning("ignoring %s: it was written with other settings (%s); starting afresh", self.path, changed)
+            return
+        model.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])  # random draws in the step (e.g. FLIP's patch dropout) continue as they were
+        if torch.cuda.is_available() and state.get("cuda_rng"):
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.step, self.rows = state["step"], list(state["metrics"])
+        log.info("resumed from %s at step %d", self.path, self.step)
+
+    def save(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rows: list[dict]) -> None:
+        from powerclip.shards import atomic_output
+
+        # The rows travel inside the checkpoint: a kill between writing it and the CSV loses nothing.
+        state = {"step": step, "state_dict": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "fingerprint": self.fingerprint, "metrics": rows, "rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}  # fmt: skip
+        with atomic_output(self.path) as tmp:
+            torch.save(state, tmp)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)  # the final checkpoint supersedes it (and it holds optimizer state)
 
 
 def shard_specs(args) -> list:
@@ -152,6 +123,58 @@ def shard_specs(args) -> list:
     return specs
 
 
+@dataclass
+class Step:
+    """Where the loop is: the global step and what it needs to log and save."""
+
+    step: int
+    total: int
+    per_epoch: int
+    global_batch: int
+
+
+def train_one_epoch(
+    method: torch.nn.Module,
+    loader: Iterator[dict],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: Step,
+    device: str,
+    autocast,
+    on_step,
+) -> None:
+    """Step through the rest of the current epoch; ``on_step(state, epoch, lr, out, data_s, batch_s)``
+    after each step (metrics, progress, resumable checkpoints)."""
+    from powerclip.model import unwrap_model
+
+    model = unwrap_model(method)
+    epoch = state.step // state.per_epoch
+    end = time.perf_counter()
+    while state.step < (epoch + 1) * state.per_epoch:
+        batch = next(loader)
+        data_s = time.perf_counter() - end
+        lr = scheduler(state.step)
+        batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        with autocast:
+            out = method(batch)
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        with torch.no_grad():  # as open_clip: keep the temperature within [1, 100]
+            model.logit_scale.clamp_(0, math.log(100))
+        state.step += 1
+        batch_s = time.perf_counter() - end
+        end = time.perf_counter()
+        on_step(state, epoch, lr, out, data_s, batch_s)
+
+
+def _format(value) -> str:
+    """A metric for the CSV: counts as integers, losses with 6 decimals."""
+    if torch.is_tensor(value) and not value.is_floating_point():
+        return str(int(value))
+    return f"{float(value.detach() if torch.is_tensor(value) else value):.6f}"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from open_clip_train.distributed import world_info_from_env
@@ -159,8 +182,8 @@ def main(argv=None) -> dict:
     from tqdm import tqdm
 
     from powerclip.data import DataConfig, make_loader
-    from powerclip.loss import PowerClipLoss
-    from powerclip.model import PowerCLIPFeatures, create_model, gather_mean, save_checkpoint
+    from powerclip.methods import method_class
+    from powerclip.model import save_checkpoint
 
     local_rank, rank, world_size = world_info_from_env()
     device = args.device
@@ -175,171 +198,124 @@ def main(argv=None) -> dict:
     precision = args.precision if args.precision != "auto" else ("bf16" if device.startswith("cuda") else "fp32")
     master = rank == 0
     work = Path(args.work_dir)
-    resume_path = work / "resume" / "latest.pt"
 
-    model = create_model(args.model, vision_pool=args.vision_pool, text_pool=args.text_pool, seed=args.seed).to(device)
+    method_cls = method_class(args.method)
+    model = method_cls.build_model(args).to(device)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    image_size = model.visual.image_size
-    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
+    method = method_cls.from_args(model, args, rank=rank, world_size=world_size)
     optimizer = torch.optim.AdamW(
         param_groups(model, args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps
     )
-    use_regions = args.sam_loss_ratio > 0
-    loss_fn = PowerClipLoss(
-        sam_loss_ratio=args.sam_loss_ratio,
-        topk=args.sam_regions_topk,
-        tau=args.softplus_tau,
-        alpha=args.softplus_alpha,
-        softplus_scoring=args.softplus_scoring,
-        local_loss=args.local_loss,
-        gather_with_grad=args.gather_with_grad,
-        rank=rank,
-        world_size=world_size,
-        text_chunk=args.text_chunk,
-    )
     global_batch = args.batch_size * world_size
-    steps_per_epoch = args.samples_per_epoch // global_batch
-    if steps_per_epoch < 1:
+    per_epoch = args.samples_per_epoch // global_batch
+    if per_epoch < 1:
         raise ValueError(f"--samples-per-epoch {args.samples_per_epoch} is smaller than the global batch {global_batch}")
-    total_steps = steps_per_epoch * args.epochs
-    scheduler = cosine_lr(optimizer, args.lr, args.warmup, total_steps)
-
-    step = 0
-    rows: list[dict] = []
-    fingerprint = run_fingerprint(args, world_size)
-    if resume_path.exists():
-        state = torch.load(resume_path, map_location="cpu", weights_only=False)
-        if state.get("fingerprint") == fingerprint:
-            model.load_state_dict(state["state_dict"])
-            optimizer.load_state_dict(state["optimizer"])
-            step = state["step"]
-            # The rows travel inside the resume checkpoint: a kill between writing it and the CSV loses nothing.
-            rows = list(state.get("metrics", [])) if master else []
-            log.info("resumed from %s at step %d of %d", resume_path, step, total_steps)
-        else:
-            changed = sorted(k for k in fingerprint if state.get("fingerprint", {}).get(k) != fingerprint[k])
-            log.warning("ignoring %s: it was written with other settings (%s); starting afresh", resume_path, changed)
+    state = Step(step=0, total=per_epoch * args.epochs, per_epoch=per_epoch, global_batch=global_batch)
+    scheduler = cosine_lr(optimizer, args.lr, args.warmup, state.total)
+    resume = Resume(work / "resume" / "latest.pt", run_fingerprint(args, world_size))
+    resume.load(model, optimizer)
+    state.step, rows = resume.step, resume.rows if master else []
+    columns = (*METRICS_HEAD, *method.metric_names, *METRICS_TAIL)
     metrics_path = work / "metrics.csv"
 
-    train_model = PowerCLIPFeatures(model)
+    train_method = method
     if world_size > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device] if device.startswith("cuda") else None
+        train_method = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device] if device.startswith("cuda") else None
         )
     specs = shard_specs(args)
+    image_size = model.visual.image_size
     data_cfg = DataConfig(
-        image_size=image_size,
-        context_length=model.context_length if hasattr(model, "context_length") else 77,
+        image_size=image_size[0] if isinstance(image_size, (tuple, list)) else image_size,
+        patch_size=model.visual.patch_size[0] if isinstance(model.visual.patch_size, (tuple, list)) else model.visual.patch_size,
+        context_length=getattr(model, "context_length", 77),
         topk=args.sam_regions_topk,
         topk_random=args.sam_regions_topk_random,
         max_phrases=args.max_phrases,
         use_parse_phrases=args.use_parse_phrases,
-        use_regions=use_regions,
+        use_regions=method.uses_regions,
         shuffle_buffer=args.shuffle_buffer,
         seed=args.seed,
     )
+    if method.uses_regions:
+        from powerclip.data import check_sidecar_grid
+
+        check_sidecar_grid(specs, data_cfg)
     writer = None
     if args.tensorboard and master:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(work / "tensorboard"))
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16" and device.startswith("cuda") else torch.autocast("cpu", enabled=False)
-    )
+    cuda_bf16 = precision == "bf16" and device.startswith("cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda_bf16 else torch.autocast("cpu", enabled=False)
     log.info(
-        "training %s on %s (%s, world size %d): %d steps (%d epochs x %d), global batch %d, lambda %s",
-        args.model, device, precision, world_size, total_steps, args.epochs, steps_per_epoch, global_batch, args.sam_loss_ratio,
+        "training %s (%s) on %s (%s, world size %d): %d steps (%d epochs x %d), global batch %d, lambda %s",
+        args.model, args.method, device, precision, world_size, state.total, args.epochs, per_epoch, global_batch,
+        args.sam_loss_ratio,
     )  # fmt: skip
-    bar = tqdm(total=total_steps, initial=step, disable=not master, desc="train", mininterval=5)
-    model.train()
-    while step < total_steps:
-        epoch = step // steps_per_epoch
+    bar = tqdm(total=state.total, initial=state.step, disable=not master, desc="train", mininterval=5)
+
+    def on_step(state: Step, epoch: int, lr: float, out: dict, data_s: float, batch_s: float) -> None:
+        bar.update(1)
+        if master and (state.step % args.log_every == 0 or state.step == state.total):
+            row = {"step": state.step, "epoch": epoch, "lr": f"{lr:.6g}", "data_s": f"{data_s:.4f}",
+                   "batch_s": f"{batch_s:.4f}", "samples_per_s": f"{state.global_batch / batch_s:.1f}",
+                   "logit_scale": f"{out['logit_scale'].item():.4f}"}  # fmt: skip
+            row.update({name: _format(out[name]) for name in ("loss", *method.metric_names)})
+            rows.append(row)
+            bar.set_postfix(loss=row["loss"], lr=row["lr"])
+            if writer is not None:
+                for key in ("loss", *method.metric_names, "lr", "logit_scale", "samples_per_s"):
+                    writer.add_scalar(f"train/{key}", float(row[key]), state.step)
+        if state.step % args.save_every == 0 and state.step < state.total:
+            if master:
+                resume.save(state.step, model, optimizer, rows)
+                write_metrics(metrics_path, rows, columns)
+            if world_size > 1:
+                torch.distributed.barrier()
+
+    method.train()
+    while state.step < state.total:
+        epoch = state.step // per_epoch
         loader = iter(make_loader(specs, data_cfg, args.batch_size, epoch=epoch, rank=rank, workers=args.workers))
-        for _ in range(step - epoch * steps_per_epoch):  # resume mid-epoch: skip what was consumed
+        for _ in range(state.step - epoch * per_epoch):  # resume mid-epoch: skip what was consumed
             next(loader)
-        end = time.perf_counter()
-        for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
-            batch = next(loader)
-            data_s = time.perf_counter() - end
-            lr = scheduler(step)
-            images = batch["image"].to(device, non_blocking=True)
-            text = batch["text"].to(device, non_blocking=True)
-            with autocast:
-                out = train_model(images, text)
-                image_features = F.normalize(out["image_features"], dim=-1)
-                text_features = F.normalize(out["text_features"], dim=-1)
-                extra = {}
-                if use_regions:
-                    regions, region_mask = gather_mean(
-                        out["patch_tokens"], batch["region_index"].to(device), batch["region_cells"].to(device)
-                    )
-                    phrases, phrase_mask = gather_mean(
-                        out["token_states"], batch["phrase_index"].to(device), batch["phrase_tokens"].to(device)
-                    )
-                    extra = {
-                        "region_features": F.normalize(regions, dim=-1),
-                        "region_mask": region_mask,
-                        "phrase_features": F.normalize(phrases, dim=-1),
-                        "phrase_mask": phrase_mask,
-                    }
-                losses = loss_fn(image_features, text_features, out["logit_scale"], **extra, output_dict=True)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            with torch.no_grad():  # as open_clip: keep the temperature within [1, 100]
-                model.logit_scale.clamp_(0, math.log(100))
-            step += 1
-            batch_s = time.perf_counter() - end
-            end = time.perf_counter()
-            bar.update(1)
-            if master and (step % args.log_every == 0 or step == total_steps):
-                row = {
-                    "step": step,
-                    "epoch": epoch,
-                    "lr": f"{lr:.6g}",
-                    "loss": f"{losses['loss'].item():.6f}",
-                    "contrastive_loss": f"{losses['contrastive_loss'].item():.6f}",
-                    "local_loss": f"{float(losses['local_loss'].detach()):.6f}",
-                    "logit_scale": f"{out['logit_scale'].item():.4f}",
-                    "local_skipped_pairs": int(losses["local_skipped_pairs"]),
-                    "samples_per_s": f"{global_batch / batch_s:.1f}",
-                    "data_s": f"{data_s:.4f}",
-                    "batch_s": f"{batch_s:.4f}",
-                }
-                rows.append(row)
-                bar.set_postfix(loss=row["loss"], lr=row["lr"])
-                if writer is not None:
-                    for key in ("loss", "contrastive_loss", "local_loss", "lr", "logit_scale", "samples_per_s"):
-                        writer.add_scalar(f"train/{key}", float(row[key]), step)
-            if step % args.save_every == 0 and step < total_steps:
-                if master:
-                    state = {
-                        "step": step,
-                        "state_dict": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "fingerprint": fingerprint,
-                        "metrics": rows,
-                    }
-                    save_atomic(state, resume_path)
-                    write_metrics(metrics_path, rows)
-                if world_size > 1:
-                    torch.distributed.barrier()
+        train_one_epoch(train_method, loader, optimizer, scheduler, state, device, autocast, on_step)
     bar.close()
-    summary = {"steps": step, "epochs": args.epochs, "global_batch": global_batch, "world_size": world_size}
+    summary = {"steps": state.step, "epochs": args.epochs, "global_batch": global_batch, "world_size": world_size}
     if master:
-        write_metrics(metrics_path, rows)
+        write_metrics(metrics_path, rows, columns)
         save_checkpoint(args.checkpoint, model, training={**summary, "args": vars(args)})
         if args.metrics:
-            write_metrics(Path(args.metrics), rows)
+            write_metrics(Path(args.metrics), rows, columns)
         if writer is not None:
             writer.close()
-        resume_path.unlink(missing_ok=True)  # the final checkpoint supersedes it (and it holds optimizer state)
-        log.info("wrote %s after %d steps", args.checkpoint, step)
+        resume.clear()
+        log.info("wrote %s after %d steps", args.checkpoint, state.step)
     if world_size > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
+
+
+def launch(argv: list[str], gpus: int, log=None) -> dict | None:
+    """Train with ``argv``: in this process on the CPU (``gpus == 0``), else one ``torchrun --standalone``
+    with a rank per GPU (its output goes to ``log``, an open file). Arguments are passed as a list, never
+    through a shell, so paths with spaces are safe."""
+    if gpus == 0:
+        return main(argv)
+    import os
+    import subprocess
+    import sys
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+               f"--nproc-per-node={gpus}", "-m", "powerclip.train", *argv]  # fmt: skip
+    log_stream = log if log is not None else sys.stderr
+    subprocess.run(command, env=env, stdout=log_stream, stderr=subprocess.STDOUT, check=True)
+    return None
 
 
 if __name__ == "__main__":

@@ -227,10 +227,10 @@ def test_forward_features_keys(tiny: torch.nn.Module, text: torch.Tensor) -> Non
         out = pm.forward_features(tiny, images(tiny), text)
     assert set(out) == {"image_features", "text_features", "patch_tokens", "token_states", "logit_scale"}
     torch.testing.assert_close(out["logit_scale"], tiny.logit_scale.exp())
-    with torch.no_grad():
-        wrapped = pm.PowerCLIPFeatures(tiny)(images(tiny), text)
-    assert torch.equal(wrapped["image_features"], out["image_features"])
-    assert pm.unwrap_model(pm.PowerCLIPFeatures(tiny)) is tiny
+    from powerclip.methods.clip import ClipMethod
+
+    method = ClipMethod(tiny, loss=None)
+    assert pm.unwrap_model(torch.nn.DataParallel(method)) is tiny
 
 
 def test_seeded_create_model_is_reproducible() -> None:
@@ -311,12 +311,38 @@ def test_unsupported_configs_are_refused() -> None:
     vision_cfg = dict(open_clip.get_model_config(FAST)["vision_cfg"], final_ln_after_pool=True)
     with pytest.raises(NotImplementedError, match="final_ln_after_pool"):
         pm.create_model(FAST, vision_cfg=vision_cfg)
-    with pytest.raises(NotImplementedError, match="patch dropout"):
-        pm.create_model(FAST, force_patch_dropout=0.5)
     with pytest.raises(ValueError, match="vision_pool"):
-        pm.create_model(FAST, vision_pool="max")
+        pm.create_model(FAST, vision_pool="mean")
     with pytest.raises(ValueError, match="text_pool"):
         pm.create_model(FAST, text_pool="eos")
+
+
+def test_patch_dropout_trains_on_fewer_tokens_but_token_features_need_all(text: torch.Tensor) -> None:
+    """FLIP's patch dropout is active in training only; token features (regions) refuse it there."""
+    model = pm.create_model(FAST, force_patch_dropout=0.5, seed=0)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    with pytest.raises(NotImplementedError, match="patch dropout"):
+        pm.encode_image_tokens(model, x)
+    model.eval()
+    with torch.no_grad():
+        pooled, tokens = pm.encode_image_tokens(model, x)
+        torch.testing.assert_close(pooled, model.encode_image(x))
+    assert tokens.shape[1] == 64
+
+
+def test_max_vision_pool_is_the_maximum_over_patch_tokens() -> None:
+    """CLIPpy's image pooling: the maximum over the patch tokens after ln_post (no CLS), then the projection."""
+    model = pm.create_model(FAST, vision_pool="max", seed=0).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        visual = model.visual
+        hidden = visual.ln_post(visual.transformer(visual._embeds(x)))
+        by_hand = hidden[:, 1:].amax(dim=1) @ visual.proj
+        torch.testing.assert_close(model.encode_image(x), by_hand)
+        pooled, tokens = pm.encode_image_tokens(model, x)
+    torch.testing.assert_close(pooled, by_hand)
+    assert model.powerclip_cfg["vision_pool"] == "max"
 
 
 def test_paper_model_vit_b_16_pools() -> None:

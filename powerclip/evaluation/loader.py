@@ -33,7 +33,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from powerclip.model import (
-    install_text_avg_pool,
+    install_pools,
     load_model,
     load_openclip_checkpoint,
     register_model_configs,
@@ -139,7 +139,7 @@ def load_powerclip(
       pretrained tag) for the architecture ``model_name``; pools forced to avg.
     """
     register_model_configs()
-    install_text_avg_pool()
+    install_pools()
     pretrained = str(pretrained) if pretrained else None
     hub_id = next((s for s in (pretrained, model_name) if s and s.startswith(SCHEMA_PREFIXES)), None)
     # every local weights file is read here first, with weights_only=True, even when open_clip loads it
