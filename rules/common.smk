@@ -1,30 +1,25 @@
 # Helpers, config validation and wildcard constraints. Rules live in the other files.
-import shlex
+import hashlib
+import re
 import sys
 from pathlib import Path
 
-import pandas as pd
-from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 sys.path.insert(
     0, workflow.basedir
-)  # powerclip.datasets: stdlib only, importable in any env
+)  # powerclip.datasets, .settings, .train_params: importable in Snakemake's own env
 
-from powerclip.datasets import SHARD_NAME, SOURCES, shard_names
+from powerclip.datasets import SHARD_NAME, shard_names
+from powerclip.settings import MODEL_CONFIG_DIR, check_config, read_run_table
+from powerclip.train_params import run_identity
 
+# The schema fills in every default; then the cross-key checks (grid against the model, ...) and the run
+# table, row by row: a bad value is refused here, before any job, naming the file, row and value.
 validate(config, schema="../schemas/config.schema.yaml")
+check_config(config)
 
 DATASET = config["dataset"]
-if DATASET not in config["datasets"]:
-    raise ValueError(
-        f"config: dataset {DATASET!r} is not one of datasets: {sorted(config['datasets'])}"
-    )
-if "pictures" in config and config["pictures"]["dataset"] not in config["datasets"]:
-    raise ValueError(
-        f"config: pictures.dataset {config['pictures']['dataset']!r} is not one of datasets: "
-        f"{sorted(config['datasets'])}"
-    )
 REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random")
 
 
@@ -35,37 +30,20 @@ def resolve_path(path):
     return str(Path(workflow.basedir) / path)
 
 
-runs = pd.read_csv(
-    resolve_path(config["runs"]), sep="\t", comment="#", dtype={"run": str}
-).set_index("run", drop=False)
-validate(runs, schema="../schemas/runs.schema.yaml")
-for _run in runs.itertuples():
-    if _run.method == "clip" and (_run.sam_loss_ratio != 0 or _run.regions != "none"):
-        raise ValueError(
-            f"{config['runs']}: run {_run.run!r}: method clip needs sam_loss_ratio 0 and regions none"
-        )
-    if _run.method == "powerclip" and (
-        _run.sam_loss_ratio <= 0 or _run.regions == "none"
-    ):
-        raise ValueError(
-            f"{config['runs']}: run {_run.run!r}: method powerclip needs sam_loss_ratio > 0 and a region source"
-        )
-if runs.index.duplicated().any():
-    raise ValueError(
-        f"{config['runs']}: duplicate run names {sorted(runs.index[runs.index.duplicated()])}"
-    )
+RUNS = read_run_table(resolve_path(config["runs"]), config)
 _SHARDS = (
     {}
 )  # filled on first use: a local dataset's files may not exist until a rule makes them
 
 
 wildcard_constraints:
-    dataset="|".join(config["datasets"]),
+    dataset="|".join(map(re.escape, config["datasets"])),
     shard=SHARD_NAME.pattern.strip("^$"),
     source="|".join(REGION_SOURCES),
-    run="|".join(runs.index),
-    benchmark="|".join(config["evaluation"]["benchmarks"]),
-    checkpoint="|".join(config.get("checkpoints", {})) or "no-checkpoint-is-configured",
+    run="|".join(map(re.escape, RUNS)),
+    benchmark="|".join(map(re.escape, config["evaluation"]["benchmarks"])),
+    checkpoint="|".join(map(re.escape, config.get("checkpoints", {})))
+    or "no-checkpoint-is-configured",
 
 
 def get_dataset(wildcards):
@@ -102,25 +80,30 @@ def all_region_sidecars(dataset=DATASET, sources=None):
     )
 
 
-def segment_options(wildcards):
-    return config["segment"].get(wildcards.source, {})
+def segment_options(source):
+    """What a region source's jobs read (tracked as their params): its own options and the shared ones."""
 
+    def options(wildcards):
+        seg = config["segment"]
+        name = source or wildcards.source
+        return {
+            "source": name,
+            "options": seg[name],
+            "max_regions": seg["max_regions"],
+            "dedupe": seg["dedupe"],
+        }
 
-def sam_gpus(wildcards=None):
-    return config["segment"].get("gpus", 1)
+    return options
 
 
 def get_run(wildcards):
-    """A row of the run table as plain Python values (numpy scalars would make params reruns flaky)."""
-    return {
-        k: (v.item() if hasattr(v, "item") else v)
-        for k, v in runs.loc[wildcards.run].items()
-    }
+    """A row of the run table, validated and completed with the schema's defaults."""
+    return RUNS[wildcards.run]
 
 
 def uses_sidecars(run):
     """Regions/phrases from the workflow's sidecars; `embedded` = inside combined-format shards."""
-    return run["sam_loss_ratio"] > 0 and run["regions"] != "embedded"
+    return run["regions"] not in ("none", "embedded")
 
 
 def train_inputs(wildcards):
@@ -139,81 +122,34 @@ def train_inputs(wildcards):
     return inputs
 
 
-def python_command():
-    """`python` inside a conda env; outside one, the interpreter running Snakemake (no `python` on PATH)."""
-    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
-        return "python"
-    return sys.executable
-
-
-def train_launcher(wildcards):
-    gpus = config["train"].get("gpus", 0)
-    if gpus > 0:
-        return f"torchrun --standalone --nnodes=1 --nproc-per-node={gpus}"
-    return python_command()
-
-
-def train_args(wildcards, output):
-    """Command-line arguments of `python -m powerclip.train` for one run of the table."""
-    run, train = get_run(wildcards), config["train"]
-    shards = get_shards(DATASET)
-    pattern = (
-        f"resources/{DATASET}/shards/{{{','.join(shards)}}}.tar"
-        if len(shards) > 1
-        else f"resources/{DATASET}/shards/{shards[0]}.tar"
+def train_identity(wildcards):
+    """Everything that defines a run's result, tracked by Snakemake as the train rule's params: its row,
+    the train: settings that change what is trained, and the content of our own model config (open_clip's
+    built-in configs change only with its version, which the conda env pins)."""
+    identity = run_identity(get_run(wildcards), config["train"])
+    own = MODEL_CONFIG_DIR / f"{config['train']['model']}.json"
+    identity["model_config_sha256"] = (
+        hashlib.sha256(own.read_bytes()).hexdigest() if own.is_file() else None
     )
-    gpus = max(train.get("gpus", 0), 1)
-    if train["batch_size"] % gpus:
-        raise ValueError(
-            f"train.batch_size {train['batch_size']} is not divisible by train.gpus {gpus}"
-        )
-    args = [
-        "--train-data", pattern,
-        "--samples-per-epoch", train["samples_per_epoch"],
-        "--epochs", train["epochs"],
-        "--batch-size", train["batch_size"] // gpus,
-        "--workers", train.get("workers", 1),
-        "--model", train["model"],
-        "--vision-pool", run["vision_pool"],
-        "--text-pool", run["text_pool"],
-        "--lr", train["lr"],
-        "--wd", train.get("weight_decay", 0.2),
-        "--warmup", train.get("warmup_steps", 10),
-        "--precision", train.get("precision", "auto"),
-        "--seed", run["seed"],
-        "--threads", train.get("threads", 1),
-        "--max-phrases", train.get("max_phrases", 16),
-        "--sam-loss-ratio", run["sam_loss_ratio"],
-        "--sam-regions-topk", run["topk"],
-        "--sam-regions-topk-random", run["topk_random"],
-        "--use-parse-phrases", run["use_parse_phrases"],
-        "--softplus-scoring", run["softplus_scoring"],
-        "--softplus-tau", run["softplus_tau"],
-        "--softplus-alpha", run["softplus_alpha"],
-        "--save-every", train.get("save_every_steps", 100),
-        "--log-every", train.get("log_every_steps", 10),
-        "--checkpoint", output.checkpoint,
-        "--metrics", output.metrics,
-        "--work-dir", f"results/runs/{wildcards.run}/work",
-    ]  # fmt: skip
-    if uses_sidecars(run):
-        args += [
-            "--phrases-dir",
-            f"results/{DATASET}/phrases",
-            "--regions-dir",
-            f"results/{DATASET}/regions/{run['regions']}",
-        ]
-    if train.get("grad_checkpointing"):
-        args.append("--grad-checkpointing")
-    if train.get("tensorboard"):
-        args.append("--tensorboard")
-    if train.get("gpus", 0) > 1:
-        args.append("--gather-with-grad")
-    return " ".join(shlex.quote(str(a)) for a in args)
+    return identity
+
+
+def sidecar_dir(kind):
+    """The phrases or regions sidecar folder of a run (None when its method reads no sidecars)."""
+
+    def folder(wildcards):
+        run = get_run(wildcards)
+        if not uses_sidecars(run):
+            return None
+        if kind == "phrases":
+            return f"results/{DATASET}/phrases"
+        return f"results/{DATASET}/regions/{run['regions']}"
+
+    return folder
 
 
 def all_checkpoints():
-    return expand("results/runs/{run}/checkpoint.pt", run=runs.index)
+    return expand("results/runs/{run}/checkpoint.pt", run=RUNS)
 
 
 def picture_inputs(wildcards):
@@ -232,14 +168,14 @@ def all_pictures():
     """Region-phrase pictures of every run, when the config asks for them (`pictures:`)."""
     if "pictures" not in config:
         return []
-    return expand("results/runs/{run}/region_phrases.png", run=runs.index)
+    return expand("results/runs/{run}/region_phrases.png", run=RUNS)
 
 
 def segmenter_checkpoint(source):
     """The SAM/SAM2 checkpoint as an input: fetched by fetch_checkpoint when `checkpoints:` lists it."""
 
     def inputs(wildcards):
-        path = config["segment"].get(source, {}).get("checkpoint")
+        path = config["segment"][source].get("checkpoint")
         return {"checkpoint": path} if path else {}
 
     return inputs

@@ -15,7 +15,7 @@ rule write_eval_suites:
     params:
         generator=lambda w: config["datasets"][w.dataset]["synthetic"],
         seed=lambda w: config["datasets"][w.dataset]["synthetic"]["seed"],
-        n=config["evaluation"].get("items_per_suite", 500),
+        n=config["evaluation"]["items_per_suite"],
         suites=local_suites,
     script:
         "../workflow_scripts/write_eval_suites.py"
@@ -81,13 +81,13 @@ rule eval_benchmark:
         "../envs/eval.yaml"
     threads: 1
     resources:
-        gpu=config["evaluation"].get("gpus", 0),
+        gpu=config["evaluation"]["gpus"],
         runtime=lambda wildcards, attempt: 60 * attempt,
     params:
         spec=lambda w: config["evaluation"]["benchmarks"][w.benchmark],
         root=eval_root,
-        batch_size=config["evaluation"].get("batch_size", 128),
-        workers=config["evaluation"].get("workers", 0),
+        batch_size=config["evaluation"]["batch_size"],
+        workers=config["evaluation"]["workers"],
     script:
         "../workflow_scripts/eval_benchmark.py"
 
@@ -113,7 +113,7 @@ rule aggregate_run_eval:
 
 rule aggregate_eval:
     input:
-        tables=expand("results/runs/{run}/eval.csv", run=runs.index),
+        tables=expand("results/runs/{run}/eval.csv", run=RUNS),
         runs=resolve_path(config["runs"]),
     output:
         table=report(

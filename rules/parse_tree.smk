@@ -10,7 +10,7 @@ rule parse_shard:
         "benchmarks/parse_shard/{dataset}/{shard}.tsv"
     conda:
         "../envs/parse.yaml"
-    threads: config["parse"].get("threads", 1)
+    threads: config["parse"]["threads"]
     resources:
         mem_mb=lambda wildcards, attempt: 2000 * attempt,
     params:

@@ -1,7 +1,7 @@
 rule plot_results:
     input:
         seeds="results/eval_seeds.csv",
-        metrics=expand("results/runs/{run}/metrics.csv", run=runs.index),
+        metrics=expand("results/runs/{run}/metrics.csv", run=RUNS),
     output:
         bars=report(
             "results/plots/eval_bars.png",
@@ -18,7 +18,7 @@ rule plot_results:
     conda:
         "../envs/eval.yaml"
     params:
-        runs=list(runs.index),
+        runs=list(RUNS),
     script:
         "../workflow_scripts/plot_results.py"
 
@@ -41,6 +41,6 @@ rule draw_region_phrases:
         "../envs/eval.yaml"
     params:
         grid=config["grid"],
-        pictures=config.get("pictures", {}),
+        pictures=config.get("pictures"),
     script:
         "../workflow_scripts/draw_region_phrases.py"

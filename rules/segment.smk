@@ -19,7 +19,7 @@ rule segment_shard:
     threads: 1
     params:
         grid=config["grid"],
-        segment=config["segment"],
+        segment=segment_options(None),
     script:
         "../workflow_scripts/segment_shard.py"
 
@@ -39,13 +39,12 @@ rule segment_shard_sam:
         "../envs/sam.yaml"
     threads: 4
     resources:
-        gpu=sam_gpus,
+        gpu=config["segment"]["gpus"],
         mem_mb=lambda wildcards, attempt: 16000 * attempt,
         runtime=lambda wildcards, attempt: 360 * attempt,
     params:
         grid=config["grid"],
-        segment=config["segment"],
-        source="sam",
+        segment=segment_options("sam"),
     script:
         "../workflow_scripts/segment_shard.py"
 
@@ -65,12 +64,11 @@ rule segment_shard_sam2:
         "../envs/sam2.yaml"
     threads: 4
     resources:
-        gpu=sam_gpus,
+        gpu=config["segment"]["gpus"],
         mem_mb=lambda wildcards, attempt: 16000 * attempt,
         runtime=lambda wildcards, attempt: 360 * attempt,
     params:
         grid=config["grid"],
-        segment=config["segment"],
-        source="sam2",
+        segment=segment_options("sam2"),
     script:
         "../workflow_scripts/segment_shard.py"

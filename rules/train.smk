@@ -2,7 +2,7 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        checkpoint=protected("results/runs/{run}/checkpoint.pt"),
+        checkpoint="results/runs/{run}/checkpoint.pt",
         metrics="results/runs/{run}/metrics.csv",
     log:
         "logs/train/{run}.log",
@@ -11,15 +11,16 @@ rule train:
     retries: 1
     conda:
         "../envs/train.yaml"
-    threads: config["train"].get("threads", 1)
+    threads: config["train"]["threads"]
     resources:
-        gpu=config["train"].get("gpus", 0),
-        mem_mb=lambda wildcards, attempt: config["train"].get("mem_mb", 8000) * attempt,
-        runtime=lambda wildcards, attempt: config["train"].get("runtime", 60) * attempt,
+        gpu=config["train"]["gpus"],
+        mem_mb=lambda wildcards, attempt: config["train"]["mem_mb"] * attempt,
+        runtime=lambda wildcards, attempt: config["train"]["runtime"] * attempt,
     params:
-        launcher=train_launcher,
-        args=train_args,
-        root=workflow.basedir,
-    shell:
-        # PYTHONPATH: conda rules clear it, and the package must be importable in any env.
-        "PYTHONPATH={params.root} {params.launcher} -m powerclip.train {params.args} > {log} 2>&1"
+        # Tracked by Snakemake's params trigger: a changed row or train: setting retrains this run only.
+        identity=train_identity,
+        phrases_dir=sidecar_dir("phrases"),
+        regions_dir=sidecar_dir("regions"),
+        work_dir="results/runs/{run}/work",
+    script:
+        "../workflow_scripts/train.py"

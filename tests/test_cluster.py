@@ -178,7 +178,7 @@ def test_workflow_runs_through_slurm_with_a_gpu_for_train(slurm_cluster, tmp_pat
         "--snakefile", str(REPO / "Snakefile"),
         "--profile", "slurm",  # ./slurm/config.yaml: run from the repository root
         # No conda channel is reachable in CI: replace the profile's conda method; the rules then run in this
-        # venv (rules/common.smk's python_command() gives sys.executable, torchrun comes from PATH).
+        # venv (script rules run with Snakemake's own python; the train rule starts torchrun with it too).
         "--software-deployment-method", "env-modules",
         "--configfile", str(config),
         "--directory", str(tmp_path),

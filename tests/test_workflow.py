@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from powerclip.csr import decode_njson, decode_regions
@@ -41,6 +42,16 @@ def micro_config(tmp_path, **datasets):
     path = tmp_path / "micro.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def job_counts(proc):
+    """The job stats table of a dry run as {rule: count}, and the whole output."""
+    text = proc.stdout + proc.stderr
+    counts = {}
+    for line in text[text.index("Job stats:") : text.index("\n\n", text.index("Job stats:"))].splitlines()[3:]:
+        rule, count = line.split()
+        counts[rule] = int(count)
+    return counts, text
 
 
 def test_every_rule_names_an_existing_env():
@@ -158,6 +169,51 @@ def test_invalid_config_fails_at_parse_time(tmp_path):
     assert proc.returncode != 0 and "patch_size" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda cfg, runs: cfg.update(trian={"epochs": 1}), "Additional properties are not allowed ('trian' was unexpected)"),
+        (lambda cfg, runs: cfg["grid"].update(patch_size=16), "does not match train.model 'PowerCLIP-Tiny-64-8' (image_size 64, patch_size 8)"),
+        (lambda cfg, runs: runs.write_text(runs.read_text().splitlines()[0] + "\n"), "the run table has only its header"),
+        (lambda cfg, runs: runs.write_text(runs.read_text().replace("powerclip-s1\t", "..\t")), "row 4 (line 5): run name '..' is not a plain name"),
+    ],
+)
+def test_bad_configuration_is_refused_before_any_job(tmp_path, change, message):
+    cfg = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    runs = tmp_path / "runs.tsv"
+    runs.write_text((REPO / "config" / "runs.tsv").read_text())
+    cfg["runs"] = str(runs)
+    change(cfg, runs)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    proc = run(SNAKEMAKE + ["-n", "--configfile", str(bad), "--directory", str(tmp_path)], cwd=REPO, check=False)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "resources").exists()
+
+
+def test_the_design_card_command_needs_no_flag(tmp_path):
+    """`snakemake -n results/eval.csv` in the repository: the workflow profile gives the cores."""
+    proc = run([str(BIN / "snakemake"), "-n", "results/eval.csv"], cwd=REPO)
+    assert "aggregate_eval" in proc.stdout
+
+
+@pytest.mark.slow
+def test_train_rule_in_a_checkout_whose_path_has_a_space(tmp_path):
+    """The train rule passes paths as arguments, never through a shell: a space anywhere is fine."""
+    checkout = tmp_path / "a checkout" / "powerclip workflow"
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in files.stdout.splitlines():
+        if (REPO / name).is_file():
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            (checkout / name).write_bytes((REPO / name).read_bytes())
+    work = tmp_path / "work dir"
+    work.mkdir()
+    config = micro_config(work)
+    run([str(BIN / "snakemake"), "-s", str(checkout / "Snakefile"), "--cores", "2", "--configfile", str(config),
+         "--directory", str(work), "results/runs/clip/checkpoint.pt"], cwd=checkout)  # fmt: skip
+    assert torch.load(work / "results/runs/clip/checkpoint.pt", weights_only=True)["training"]["steps"] == 4
+
+
 @pytest.mark.slow
 def test_tiny_real_run_of_the_data_stages(tmp_path):
     local = {"source": "local", "local": {"pattern": str(tmp_path / "resources/shapes/shards/*.tar")}}
@@ -196,7 +252,6 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
         rows = (tmp_path / f"results/runs/{name}/metrics.csv").read_text().splitlines()
         assert len(rows) == 1 + 4  # header + 2 epochs x 2 steps
         assert (tmp_path / f"logs/train/{name}.log").exists()
-        assert (tmp_path / f"results/runs/{name}/checkpoint.pt").stat().st_mode & 0o222 == 0  # protected
     # the results table: every run x benchmark, the documented columns, a headline summary
     import pandas as pd
 
@@ -232,6 +287,26 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
     # nothing left to do on a second run
     again = run(base + ["-n", "all"], cwd=REPO)
     assert "Nothing to be done" in again.stdout + again.stderr
+    # a changed row reruns exactly that run's training, evaluation and the aggregation
+    runs_tsv = Path(yaml.safe_load(config.read_text())["runs"])
+    runs_tsv.write_text(runs_tsv.read_text().replace("powerclip\tpowerclip\tfelzenszwalb\t0.1", "powerclip\tpowerclip\tfelzenszwalb\t0.5"))
+    counts, text = job_counts(run(base + ["-n", "results/eval.csv"], cwd=REPO))
+    assert counts == {"train": 1, "eval_benchmark": len(benchmarks), "aggregate_run_eval": 1, "aggregate_eval": 1, "total": 3 + len(benchmarks)}
+    assert "run=clip" not in text and "Params have changed since last execution" in text
+    run(base + ["results/runs/powerclip/checkpoint.pt"], cwd=REPO)
+    training = torch.load(tmp_path / "results/runs/powerclip/checkpoint.pt", weights_only=True)["training"]
+    assert training["args"]["sam_loss_ratio"] == 0.5  # the checkpoint records the settings it was trained with
+    # a changed train: setting reruns every run; a free-text description or a log interval none
+    runs_tsv.write_text(runs_tsv.read_text().replace("OpenCLIP baseline", "The OpenCLIP baseline"))
+    cfg = yaml.safe_load(config.read_text())
+    cfg["train"]["log_every_steps"] = 2
+    config.write_text(yaml.safe_dump(cfg))
+    counts, _ = job_counts(run(base + ["-n", "all"], cwd=REPO))
+    assert "train" not in counts  # (powerclip's evaluation is pending: only its checkpoint was rebuilt)
+    cfg["train"]["epochs"] = 3
+    config.write_text(yaml.safe_dump(cfg))
+    counts, _ = job_counts(run(base + ["-n", "all"], cwd=REPO))
+    assert counts["train"] == 2 and "fetch_shard" not in counts and "parse_shard" not in counts
     # the local source re-validates existing shards and keeps their keys
     run(base + ["resources/copy/shards/00001.tar"], cwd=REPO)
     assert read_keys(tmp_path / "resources/copy/shards/00001.tar") == read_keys(tmp_path / "resources/shapes/shards/00001.tar")

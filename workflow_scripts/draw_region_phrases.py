@@ -14,10 +14,10 @@ grid, pictures = snakemake.params.grid, snakemake.params.pictures
 region_phrase_figure(
     snakemake.input.checkpoint,
     ShardSpec(snakemake.input.raw, snakemake.input.phrases, snakemake.input.regions),
-    PatchGrid(grid["image_size"], grid["patch_size"], grid.get("min_overlap", 0.5)),
+    PatchGrid(grid["image_size"], grid["patch_size"], grid["min_overlap"]),
     snakemake.output.png,
-    samples=pictures.get("samples", 6),
-    regions_per_image=pictures.get("regions_per_image", 4),
-    max_phrase_tokens=pictures.get("max_phrase_tokens", 8),
+    samples=pictures["samples"],
+    regions_per_image=pictures["regions_per_image"],
+    max_phrase_tokens=pictures["max_phrase_tokens"],
     title=f"{snakemake.wildcards.run}: regions ({pictures['regions']}) and their best phrases",
 )

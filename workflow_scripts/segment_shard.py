@@ -8,16 +8,15 @@ from powerclip.logs import log_to_file
 from powerclip.regions import PatchGrid, segment_shard
 
 log_to_file(snakemake.log[0], rule=snakemake.rule)
-source = snakemake.params.get("source") or snakemake.wildcards.source
 seg = snakemake.params.segment
 segment_shard(
     snakemake.input.shard,
     snakemake.output.regions,
     snakemake.output.stats,
     shard=snakemake.wildcards.shard,
-    source=source,
+    source=seg["source"],
     grid=PatchGrid(**snakemake.params.grid),
-    options=seg.get(source, {}),
-    max_regions=seg.get("max_regions", 32),
-    dedupe=seg.get("dedupe", True),
+    options=seg["options"],
+    max_regions=seg["max_regions"],
+    dedupe=seg["dedupe"],
 )
