@@ -10,7 +10,7 @@ I2D_STAMP := $(I2D_VENV)/.installed
 CORES ?= 2
 PIP_QUIET ?= -q
 # sam2 ships only an sdist whose CUDA extension cannot build without a GPU; without build isolation it
-# builds in seconds against the torch already installed (see ../shared/notes/dependencies.md).
+# builds in seconds against the torch already installed.
 SAM2 := sam2==1.1.0
 
 export POWERCLIP_IMG2DATASET := $(CURDIR)/$(I2D_VENV)/bin/img2dataset

@@ -1,6 +1,6 @@
 """PowerCLIP loss: CLIP's contrastive loss + a powerset region–phrase alignment term.
 
-Implements "Our formulation" of ``METHOD.md`` (the shared specification). For an image I with valid
+Implements the formulation of docs/method.md. For an image I with valid
 region features r_1..r_M and a caption T with valid phrase features p_1..p_P (all L2-normalised), let
 x_iq = <r_i, p_q> and, for a subset S of the regions, s(S, q) = sum_{i in S} x_iq.
 
@@ -16,7 +16,7 @@ x_iq = <r_i, p_q> and, for a subset S of the regions, s(S, q) = sum_{i in S} x_i
 ``exact_powerset`` / ``exact_pair_score`` enumerate all 2^M subsets and are the brute-force reference the
 NLA must reproduce (tests) and the baseline of ``bench/bench_loss.py``.
 
-Documented choices (METHOD.md "Open questions" / our reconstruction):
+Documented choices (docs/method.md, "Documented choices and open questions"):
 
 1. **∅ is in the powerset.** The empty subset scores s(∅, q) = 0 and contributes the "1 +" of
    prod_i (1 + e^{x/tau}); without it the softplus identity would not hold. As a consequence
@@ -79,7 +79,7 @@ def nla_terms(
 
     ``region_mask`` must broadcast to (..., M) and ``phrase_mask`` to (..., P) (None = all valid).
 
-    softplus_scoring=True (NLA, METHOD.md "T2R"/"R2T"):
+    softplus_scoring=True (NLA, docs/method.md "T2R (NLA-T1)" / "R2T (NLA-T2)"):
         a_q = tau * sum_{valid i} softplus(x_iq / tau), S_T2R = mean_{valid q} a_q,
         S_R2T = tau * logsumexp_{valid q}(a_q / tau).
     softplus_scoring=False (singleton alignment):
@@ -133,7 +133,7 @@ def nla_scores(
     softplus_scoring: bool = True,
     text_chunk: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Pair scores S(I_b, T_c) for every image b and text c (METHOD.md "Pair score").
+    """Pair scores S(I_b, T_c) for every image b and text c (docs/method.md "Pair score").
 
     Args:
         region_features: (B_img, M, D) normalised region features; padded slots may hold anything.
@@ -222,7 +222,7 @@ def _masked_info_nce(logits: Tensor, labels: Tensor, anchors: Tensor, col_valid:
 
 
 class PowerClipLoss(nn.Module):
-    """L = L_CLIP + sam_loss_ratio * L_local (METHOD.md "Local loss" / "Total").
+    """L = L_CLIP + sam_loss_ratio * L_local (docs/method.md "Local loss and total loss").
 
     The global term is open_clip's ``ClipLoss`` (owned, not reimplemented). The local term is a symmetric
     InfoNCE over pair scores ``logit_scale * S(I_b, T_c)`` from ``nla_scores``; with ``world_size > 1``

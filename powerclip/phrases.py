@@ -1,7 +1,7 @@
 """Parse-tree phrases: spaCy constituents of a caption as OpenCLIP token positions.
 
 ``en_core_web_sm`` has a dependency parser, not a constituency parser, so constituents are derived from
-dependency subtrees (METHOD.md):
+dependency subtrees (docs/method.md, "Phrases"):
 
 * **NP**: the subtree of every NOUN/PROPN head, plus spaCy's base noun chunks ("a red circle" inside
   "a red circle to the left of a square");

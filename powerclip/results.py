@@ -18,7 +18,7 @@ COLUMNS = ["run", "benchmark", "task", "metric", "value"]
 HEADLINE = {
     "zeroshot_classification": "acc1",
     "zeroshot_retrieval": "mean_recall@1",
-    # tie-aware accuracy: a bag-of-words model scores exactly 0.5 on it (powerclip.evaluate)
+    # tie-aware accuracy: a bag-of-words model scores exactly 0.5 on it (powerclip.evaluation.metrics)
     "image_caption_selection": "text_acc_ties_split",
     "linear_probe": "lp_acc1",
 }

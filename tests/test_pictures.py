@@ -50,7 +50,7 @@ def write_combined_shard(path, samples):
 
 
 def test_whole_grid_region_and_whole_caption_phrase_give_the_global_similarity(model):
-    """The region / phrase features are the global avg pools when they cover everything (METHOD.md)."""
+    """The region / phrase features are the global avg pools when they cover everything (docs/method.md)."""
     image = torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(0))
     text = open_clip.get_tokenizer("ViT-B-16")([CAPTION])[0]
     n_tokens = int((text != 0).sum())
