@@ -197,3 +197,23 @@ def test_the_identity_of_a_run_is_enough_to_build_its_command_line(config):
         identity = run_identity(runs[name], config["train"])
         args = parse_args(build_argv(identity["run"], {**config["train"], **identity["train"]}, ["s/0.tar"], "c", "m", "w"))
         assert (args.method, args.sam_loss_ratio, args.seed) == (name, runs[name]["sam_loss_ratio"], 0)
+
+
+def _schema_keys(node, path=()):
+    """Every property path of a JSON schema (objects' properties, and the values of additionalProperties)."""
+    for key, spec in node.get("properties", {}).items():
+        yield (*path, key)
+        yield from _schema_keys(spec, (*path, key))
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        yield from _schema_keys(extra, (*path, "<name>"))
+
+
+def test_config_readme_names_every_key_of_the_schemas():
+    import re
+
+    readme = (REPO / "config" / "README.md").read_text()
+    named = {word for span in re.findall(r"`([^`]+)`", readme) for word in re.findall(r"[A-Za-z_][A-Za-z0-9_]*", span)}
+    for schema in ("config", "runs"):
+        missing = sorted({".".join(p) for p in _schema_keys(settings.load_schema(schema)) if p[-1] not in named})
+        assert not missing, f"config/README.md does not name these keys of schemas/{schema}.schema.yaml: {missing}"
