@@ -169,7 +169,34 @@ class RandomBoxSegmenter:
         return regions
 
 
-REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random")
+class OracleSegmenter:
+    """The exact objects of a sample as its regions: each object's box (``{key}.json``, the synthetic source's
+    metadata) with its painted area, so a run can train with perfect regions and the region sources can be
+    compared against it. It reads the sample's metadata, not the image."""
+
+    def __call__(self, image, meta: dict | None) -> list[Region]:
+        objects = object_boxes(meta)
+        if objects is None:
+            raise ValueError(
+                "the oracle region source needs the exact objects of every sample (`objects` with a "
+                "`bbox` each in {key}.json, as the synthetic source writes them); this sample has "
+                f"{'no json member' if meta is None else 'no objects'}. Use the oracle only for synthetic data "
+                "(or local copies of it), or choose another region source"
+            )
+        return [Region(area=float(area), bbox=bbox) for bbox, area in objects]
+
+
+def object_boxes(meta: dict | None) -> list[tuple[tuple[float, float, float, float], float]] | None:
+    """``[(bbox xywh, area), ...]`` of the exact objects in a sample's metadata, or None when it has none."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("objects"), list):
+        return None
+    try:
+        return [(tuple(float(v) for v in o["bbox"]), float(o.get("area", o["bbox"][2] * o["bbox"][3]))) for o in meta["objects"]]
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
+
+
+REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random", "oracle")
 
 
 def build_segmenter(source: str, options: dict | None = None, seed: int = 0):
@@ -180,6 +207,10 @@ def build_segmenter(source: str, options: dict | None = None, seed: int = 0):
     if source == "random":
         options.setdefault("seed", seed)
         return RandomBoxSegmenter(**options)
+    if source == "oracle":
+        if options:
+            raise ValueError(f"the oracle region source has no options, got {sorted(options)}")
+        return OracleSegmenter()
     if source in ("sam", "sam2"):
         from powerclip.sam import build_sam_segmenter
 
@@ -205,10 +236,14 @@ def segment_shard(
     Every sample gets an entry, in shard order. An image with no region (after the crop) gets an empty
     entry and is counted as skipped ("no_region"). A failure of the segmenter or of image decoding stops
     the shard with an error naming the shard and the key: a broken raw shard must be fixed, not thinned.
+    The regions' quality (powerclip.evaluation.region_quality: background boxes by rank and, for samples
+    with exact objects in ``{key}.json``, the rank of each object's first matching region) goes into the
+    statistics as ``info.quality``, with the counters ``objects`` and ``objects_matched``.
     """
     from tqdm import tqdm
 
     from powerclip.csr import npy_bytes, region_arrays
+    from powerclip.evaluation.region_quality import QualityTally
     from powerclip.shards import ShardWriter, StageStats, decode_image, image_field, iter_samples
 
     stats = StageStats("segment_shard", shard)
@@ -223,24 +258,48 @@ def segment_shard(
     )
     segmenter = segmenter or build_segmenter(source, options, seed)
     takes_key = isinstance(segmenter, RandomBoxSegmenter)
+    quality = QualityTally(grid.num_cells)
     with ShardWriter(out_tar) as sink:
-        samples = iter_samples(raw_tar, fields={"jpg", "jpeg", "png", "webp"})
+        samples = iter_samples(raw_tar, fields={"jpg", "jpeg", "png", "webp", "json"})
         for sample in tqdm(samples, desc=f"segment {source} {shard}", mininterval=10, disable=None):
             key = sample["__key__"]
             stats.samples_in += 1
             ext = image_field(sample)
             if ext is None:
                 raise ValueError(f"{raw_tar}: shard {shard}, sample {key!r} has no image (jpg/jpeg/png/webp)")
+            meta = _sample_meta(sample.get("json"))
             try:
                 image = decode_image(sample[ext])
-                found = segmenter(image, key) if takes_key else segmenter(image)
+                if isinstance(segmenter, OracleSegmenter):
+                    found = segmenter(image, meta)
+                else:
+                    found = segmenter(image, key) if takes_key else segmenter(image)
             except Exception as exc:
                 raise RuntimeError(f"segment_shard {source}: shard {shard} ({raw_tar}), sample {key!r}: {exc}") from exc
             cells = regions_to_cells(found, grid, *image.size, max_regions=max_regions, dedupe=dedupe, counters=stats.counters)
+            objects = object_boxes(meta)
+            targets = None if objects is None else [grid.box_to_cells(box, *image.size) for box, _ in objects]
+            quality.add(cells, targets)
             if cells:
                 stats.samples_out += 1
             else:
                 stats.skip("no_region", key, f"{len(found)} regions found, none inside the crop")
             lengths, indices = region_arrays(cells, grid.num_cells)
             sink.write(key, {"samlens.npy": npy_bytes(lengths), "samcat.npy": npy_bytes(indices)})
+    stats.info["quality"] = quality.to_dict()
+    if quality.images_with_objects:
+        stats.counters.update(objects=quality.objects, objects_matched=sum(quality.first_match_at_rank))
     return stats.write(stats_path)
+
+
+def _sample_meta(raw: bytes | None) -> dict | None:
+    """A sample's ``json`` member as a dict (None when absent or not a JSON object: metadata is optional)."""
+    import json
+
+    if raw is None:
+        return None
+    try:
+        meta = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return meta if isinstance(meta, dict) else None

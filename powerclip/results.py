@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 COLUMNS = ["run", "benchmark", "task", "metric", "value"]
@@ -21,6 +22,10 @@ HEADLINE = {
     # tie-aware accuracy: a bag-of-words model scores exactly 0.5 on it (powerclip.evaluation.metrics)
     "image_caption_selection": "text_acc_ties_split",
     "linear_probe": "lp_acc1",
+    # ours (powerclip.evaluation.regions): region features against phrase features, patches against classes
+    "region_grounding": "grounding_acc",
+    "region_binding": "text_acc_ties_split",
+    "zeroshot_segmentation": "miou",
 }
 
 
@@ -64,26 +69,90 @@ def summary(long: pd.DataFrame) -> pd.DataFrame:
 # Run-table columns that are not part of what a run trains: runs equal in everything else are seeds of
 # one setting.
 NOT_SETTINGS = ("run", "seed", "description")
+SEED_COLUMNS = ["setting", "benchmark", "mean", "sd", "n", "runs", "baseline", "diff_mean", "diff_ci_low",
+                "diff_ci_high", "diff_n", "diff_p"]  # fmt: skip
 
 
-def seed_summary(long: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
-    """Headline metrics averaged over the seeds of each setting: setting, benchmark, mean, sd, n, runs.
+def _run_frame(runs: Mapping[str, Mapping] | pd.DataFrame) -> pd.DataFrame:
+    if isinstance(runs, pd.DataFrame):
+        return runs.reset_index(drop=True)
+    return pd.DataFrame([{**dict(row), "run": name} for name, row in runs.items()])
 
-    A setting is named after its seed-0 run if it has one (else its first run); sd is the sample standard
-    deviation (NaN for a single seed).
-    """
-    runs = runs.reset_index(drop=True)
-    knobs = [c for c in runs.columns if c not in NOT_SETTINGS]
+
+def settings_of(runs: Mapping[str, Mapping] | pd.DataFrame) -> dict[str, str]:
+    """{run: its setting}: runs that agree in every column but ``run``, ``seed`` and ``description`` form one
+    setting, named after its lowest-seed run. ``runs``: the validated run table (``{run: row}`` with every
+    column, as powerclip.settings.read_run_table gives it) or a DataFrame with a ``run`` column."""
+    frame = _run_frame(runs)
+    knobs = [c for c in frame.columns if c not in NOT_SETTINGS]
     names = {}
-    for _, group in runs.groupby(knobs, sort=False, dropna=False):
-        base = group.sort_values("seed").iloc[0]["run"]
+    for _, group in frame.groupby(knobs, sort=False, dropna=False) if knobs else [(None, frame)]:
+        base = group.sort_values("seed", kind="stable").iloc[0]["run"] if "seed" in group else group.iloc[0]["run"]
         for run in group["run"]:
             names[run] = base
+    return names
+
+
+def paired_difference(values: Sequence[float], baseline: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean of the paired differences ``values - baseline``, its two-sided ``confidence`` t-interval
+    (scipy.stats.t, n - 1 degrees of freedom), n and the paired t-test's p-value; interval and p are NaN
+    for fewer than two pairs."""
+    from scipy import stats
+
+    diff = np.asarray(values, dtype=float) - np.asarray(baseline, dtype=float)
+    n = len(diff)
+    out = {"diff_mean": float(diff.mean()) if n else float("nan"), "diff_ci_low": float("nan"),
+           "diff_ci_high": float("nan"), "diff_n": n, "diff_p": float("nan")}  # fmt: skip
+    if n >= 2:
+        sem = diff.std(ddof=1) / np.sqrt(n)
+        if sem > 0:
+            low, high = stats.t.interval(confidence, n - 1, loc=diff.mean(), scale=sem)
+            p = stats.ttest_1samp(diff, 0.0).pvalue
+        else:  # every pair differs by the same amount: no spread to make an interval from
+            low = high = diff.mean()
+            p = float("nan")
+        out.update(diff_ci_low=float(low), diff_ci_high=float(high), diff_p=float(p))
+    return out
+
+
+def seed_summary(long: pd.DataFrame, runs: Mapping[str, Mapping] | pd.DataFrame, baseline: str | None = "clip") -> pd.DataFrame:
+    """Headline metrics over the seeds of each setting, and each setting against ``baseline``.
+
+    Per setting and benchmark: ``mean``, ``sd`` (sample standard deviation, NaN for one seed), ``n``, ``runs``;
+    then, paired by seed with the baseline setting's runs (the setting of the run named ``baseline``),
+    :func:`paired_difference` of the headline metric: ``diff_mean``, its 95 % t-interval ``diff_ci_low`` ..
+    ``diff_ci_high``, the number of pairs ``diff_n`` and ``diff_p``; empty for the baseline itself. A
+    ``baseline`` that is not a run of the table raises a ValueError naming it; None skips the comparison.
+    """
+    table = _run_frame(runs)
+    names = settings_of(table)
+    seeds = dict(zip(table["run"], table["seed"] if "seed" in table else [0] * len(table)))
     headline = long[long.apply(lambda r: HEADLINE.get(r["task"]) == r["metric"], axis=1)].copy()
+    unknown = sorted(set(headline["run"]) - set(names))
+    if unknown:
+        raise ValueError(f"results of runs {unknown} that the run table does not have; rerun aggregate_eval")
     headline["setting"] = headline["run"].map(names)
+    headline["seed"] = headline["run"].map(seeds)
     out = (
         headline.groupby(["setting", "benchmark"], sort=True)
         .agg(mean=("value", "mean"), sd=("value", "std"), n=("value", "size"), runs=("run", lambda r: " ".join(sorted(r))))
         .reset_index()
     )
+    out = out.reindex(columns=SEED_COLUMNS)
+    if baseline is None:
+        return out
+    if baseline not in names:
+        raise ValueError(
+            f"evaluation.baseline {baseline!r} is not a run of the run table (runs: {sorted(names)}); set it to the "
+            "run whose setting the others are compared with"
+        )
+    base = names[baseline]
+    wide = headline.pivot_table(index=["benchmark", "seed"], columns="setting", values="value", aggfunc="first")
+    out["baseline"] = base
+    for i, row in out.iterrows():
+        if row["setting"] == base:
+            continue
+        pairs = wide.loc[row["benchmark"], [row["setting"], base]].dropna() if base in wide else wide.iloc[:0, :0]
+        diff = paired_difference(pairs.get(row["setting"], []), pairs.get(base, []))
+        out.loc[i, list(diff)] = list(diff.values())
     return out

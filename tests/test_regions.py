@@ -182,3 +182,79 @@ def test_segment_shard_with_sam2_random_weights(tmp_path):
             assert region and all(0 <= c < 64 for c in region)
     assert stats["samples_in"] == 2 == stats["samples_out"] + stats["samples_skipped"]
     assert stats["counters"]["regions_found"] >= 1
+
+
+# ------------------------------------------------------------------------------ oracle regions and quality
+def test_oracle_sidecar_cells_are_the_generator_boxes_mapped_by_the_grid(tmp_path):
+    import json
+
+    from powerclip.csr import decode_regions
+    from powerclip.regions import segment_shard
+    from powerclip.shards import iter_samples
+
+    raw = _shapes_shard(tmp_path / "raw.tar", n=6)
+    grid = PatchGrid(64, 8)
+    stats = segment_shard(raw, tmp_path / "r.tar", tmp_path / "r.json", "s", "oracle", grid)
+    metas = [json.loads(s["json"]) for s in iter_samples(raw, fields={"json"})]
+    for meta, sample in zip(metas, iter_samples(tmp_path / "r.tar"), strict=True):
+        by_area = sorted(meta["objects"], key=lambda o: -o["area"])  # stored largest first, as every source
+        expected = [grid.box_to_cells(o["bbox"], meta["width"], meta["height"]) for o in by_area]
+        assert decode_regions(sample["samlens.npy"], sample["samcat.npy"]) == expected
+    objects = sum(len(m["objects"]) for m in metas)
+    assert stats["samples_out"] == 6 and stats["counters"]["regions_kept"] == objects
+    # the oracle finds every object, at a rank below the number of objects of its image
+    quality = stats["info"]["quality"]
+    assert stats["counters"]["objects"] == stats["counters"]["objects_matched"] == objects == quality["objects"]
+    assert sum(quality["first_match_at_rank"][:4]) == objects and sum(quality["background_at_rank"]) == 0
+
+
+def test_oracle_refuses_samples_without_objects(tmp_path):
+    from powerclip.regions import segment_shard
+    from powerclip.shards import ShardWriter
+
+    from servers import image_bytes
+
+    raw = tmp_path / "web.tar"
+    with ShardWriter(raw) as sink:
+        sink.write("k0", {"jpg": image_bytes("JPEG", (10, 200, 10)), "txt": b"a green picture", "json": b'{"url": "x"}'})
+    with pytest.raises(RuntimeError, match=r"shard web .*sample 'k0'.*oracle region source needs the exact objects.*no objects"):
+        segment_shard(raw, tmp_path / "r.tar", tmp_path / "r.json", "web", "oracle", PatchGrid(64, 8))
+    assert not (tmp_path / "r.tar").exists()
+
+
+def test_region_quality_by_rank_and_the_table(tmp_path):
+    import csv
+    import json
+
+    from powerclip.evaluation.region_quality import QualityTally, cell_iou, write_quality_table
+
+    assert cell_iou([0, 1, 2, 3], [2, 3, 4, 5]) == pytest.approx(2 / 6)
+    tally = QualityTally(num_cells=16)
+    everything, left, right = list(range(16)), [0, 1, 4, 5], [2, 3, 6, 7]
+    # image 1: background first, then the left object's box; objects left and right (right never found)
+    tally.add([everything, left], [left, right])
+    # image 2: a 3-cell region half on the right object (IoU 3/4: a match at rank 0), one object outside the crop
+    tally.add([[2, 3, 6]], [right, None])
+    # image 3: no ground truth; one background region
+    tally.add([list(range(15))])
+    q = tally.to_dict()
+    assert q["regions_at_rank"] == [3, 1] and q["background_at_rank"] == [2]
+    assert q["first_match_at_rank"] == [1, 1] and q["objects"] == 3 and q["objects_outside_crop"] == 1
+    stats = tmp_path / "00000.stats.json"
+    stats.write_text(json.dumps({"shard": "00000", "samples_in": 3, "info": {"quality": q}}))
+    rows = write_quality_table({"mine": [stats]}, [1, 5], tmp_path / "quality.csv")
+    k1, k5 = rows
+    assert k1["topk_per_image"] == pytest.approx(3 / 3) and k1["background_share"] == pytest.approx(2 / 3)
+    assert k1["object_recall"] == pytest.approx(1 / 3) and k5["object_recall"] == pytest.approx(2 / 3)
+    assert k5["regions_per_image"] == pytest.approx(4 / 3) and k5["background_share"] == pytest.approx(2 / 4)
+    with open(tmp_path / "quality.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert [r["k"] for r in table] == ["1", "5"] and table[1]["object_recall"] == "0.6667" and table[0]["objects"] == "3"
+    # a source without ground truth: counts only, recall left empty
+    q.pop("objects")
+    stats.write_text(json.dumps({"shard": "00000", "samples_in": 3, "info": {"quality": q}}))
+    (row,) = write_quality_table({"web": [stats]}, [5], tmp_path / "quality.csv")
+    assert row["object_recall"] == "" and row["objects"] == ""
+    stats.write_text(json.dumps({"shard": "00000", "samples_in": 3}))
+    with pytest.raises(ValueError, match="shard '00000'.*no info.quality"):
+        write_quality_table({"web": [stats]}, [5], tmp_path / "quality.csv")

@@ -21,6 +21,7 @@ else:
         table.to_csv(tmp, index=False)
     with atomic_output(snakemake.output.summary) as tmp:
         summary(table).to_csv(tmp, float_format="%.4f")
-    runs = pd.read_csv(snakemake.input.runs, sep="\t", comment="#", dtype={"run": str})
+    # the run table as the workflow validated it (every column, defaults filled in), not re-read from the TSV
+    seeds = seed_summary(table, snakemake.params.runs, baseline=snakemake.params.baseline)
     with atomic_output(snakemake.output.seeds) as tmp:
-        seed_summary(table, runs).to_csv(tmp, index=False, float_format="%.4f")
+        seeds.to_csv(tmp, index=False, float_format="%.4f")

@@ -11,6 +11,11 @@
   differences either way: an order-insensitive text encoder scores near 100 %, not 50 %, on word-swap
   negatives. ``text_acc_strict`` (positive strictly above every negative), ``text_acc_ties_split`` (a tie
   among m maxima earns 1/m; chance = 50 % for one negative) and ``tie_rate`` fix that.
+* :func:`padded_choices`: items with a varying number of candidates (region grounding: 2-4 objects per image) as
+  the (N, C) scores :func:`selection_metrics` reads, padded with candidates that never win.
+* :func:`segmentation_confusion` and :func:`segmentation_metrics`: zero-shot semantic segmentation scored as
+  CLIPpy scores PASCAL VOC (a class confusion matrix over every scored pixel, label 255 ignored): mean IoU
+  over the classes present in the labels or the predictions, and the foreground/background Jaccard index.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -129,10 +135,86 @@ def selection_metrics(
     }
 
 
+def padded_choices(
+    items: Sequence[tuple[torch.Tensor, int, torch.Tensor | None]],
+) -> SelectionScores:
+    """Choices among a varying number of candidates as :class:`SelectionScores` (the correct one in column 0).
+
+    Each item is ``(scores (C_i,), correct index, identical (C_i,) bool or None)``; ``identical[c]`` says
+    candidate c's embedding is bit-identical to the correct one's (an exact tie, whatever the arithmetic).
+    Columns are reordered so that the correct candidate comes first and padded to the widest item with
+    ``-inf`` candidates, which never reach the maximum, so :func:`selection_metrics` scores every item
+    against its own candidates only (chance = 1/C_i per item).
+    """
+    if not items:
+        raise ValueError("no items")
+    width = max(len(scores) for scores, _, _ in items)
+    rows = torch.full((len(items), width), float("-inf"))
+    same = torch.zeros((len(items), width), dtype=torch.bool)
+    for n, (scores, correct, identical) in enumerate(items):
+        scores = torch.as_tensor(scores, dtype=torch.float32)
+        if not 0 <= correct < len(scores):
+            raise IndexError(f"item {n}: correct index {correct} outside its {len(scores)} candidates")
+        order = [correct] + [c for c in range(len(scores)) if c != correct]
+        rows[n, : len(scores)] = scores[order]
+        if identical is not None:
+            same[n, : len(scores)] = torch.as_tensor(identical, dtype=torch.bool)[order]
+        same[n, 0] = True
+    return SelectionScores(rows, same)
+
+
+# ---------------------------------------------------------------------------------------- segmentation
+IGNORE_LABEL = 255  # PASCAL VOC's "void" (object borders, difficult regions): never scored
+
+
+def segmentation_confusion(
+    prediction: torch.Tensor | np.ndarray, label: torch.Tensor | np.ndarray, n_classes: int, ignore: int = IGNORE_LABEL
+) -> np.ndarray:
+    """(n_classes, n_classes) pixel counts, rows = label, columns = prediction, over the pixels whose label
+    is not ``ignore``; the confusion matrix of CLIPpy's ``PascalMIoU.update`` (a prediction outside the
+    classes is an error: it would silently become background there)."""
+    prediction = np.asarray(prediction, dtype=np.int64).ravel()
+    label = np.asarray(label, dtype=np.int64).ravel()
+    if prediction.shape != label.shape:
+        raise ValueError(f"prediction has {prediction.size} pixels, label {label.size}")
+    keep = label != ignore
+    prediction, label = prediction[keep], label[keep]
+    for name, values in (("label", label), ("prediction", prediction)):
+        if values.size and (values.min() < 0 or values.max() >= n_classes):
+            raise ValueError(f"{name} values outside 0..{n_classes - 1} (ignore = {ignore}): {np.unique(values)[:10]}")
+    return np.bincount(n_classes * label + prediction, minlength=n_classes**2).reshape(n_classes, n_classes)
+
+
+def segmentation_metrics(confusion: np.ndarray, background: int = 0) -> dict[str, float]:
+    """``miou``: the mean over classes of TP / (TP + FP + FN), over the classes that occur in the labels or
+    the predictions (a class absent from both has no IoU and is left out; VOC's val split has all 21);
+    ``jaccard``: the IoU of foreground (every class but ``background``) in prediction and label, over all
+    scored pixels; ``pixel_acc``: the share of scored pixels labelled correctly."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    tp = np.diag(confusion)
+    union = confusion.sum(axis=0) + confusion.sum(axis=1) - tp
+    present = union > 0
+    if not present.any():
+        raise ValueError("no scored pixel")
+    fg = np.ones(len(confusion), dtype=bool)
+    fg[background] = False
+    fg_tp = confusion[np.ix_(fg, fg)].sum()  # foreground predicted as any foreground class
+    fg_union = confusion[fg].sum() + confusion[:, fg].sum() - fg_tp
+    return {
+        "miou": float((tp[present] / union[present]).mean()),
+        "jaccard": float(fg_tp / fg_union) if fg_union else float("nan"),
+        "pixel_acc": float(tp.sum() / confusion.sum()),
+    }
+
+
 __all__ = [
+    "IGNORE_LABEL",
     "SelectionScores",
     "accuracy",
     "caption_selection_scores",
     "classification_metrics",
+    "padded_choices",
+    "segmentation_confusion",
+    "segmentation_metrics",
     "selection_metrics",
 ]

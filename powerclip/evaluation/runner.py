@@ -6,7 +6,9 @@ with the ``powerclip`` loader (:mod:`powerclip.evaluation.loader`), the task's m
 output JSON (``dataset, model, pretrained, task, metrics, language``). What differs: the device is ours
 (``cpu`` is honoured on a CUDA machine), ``num_workers`` is capped at the number of shards (webdataset 1.0.2
 raises "No samples found" otherwise), the JSON is written atomically, and ``image_caption_selection`` results
-also carry the tie-aware metrics of :mod:`powerclip.evaluation.metrics`.
+also carry the tie-aware metrics of :mod:`powerclip.evaluation.metrics`. Three tasks are ours, not
+clip-benchmark's (:mod:`powerclip.evaluation.regions`: ``region_grounding``, ``region_binding``,
+``zeroshot_segmentation``): they read their suite or dataset folder themselves and write the same JSON.
 
 clip-benchmark is changed in memory in two places only, both unavoidable:
 
@@ -42,6 +44,7 @@ from powerclip.evaluation.metrics import (
     classification_metrics,
     selection_metrics,
 )
+from powerclip.evaluation.regions import REGION_TASKS
 from powerclip.shards import atomic_output
 
 log = logging.getLogger("powerclip.evaluation.runner")  # not __name__: the same name under `python -m`
@@ -169,8 +172,8 @@ class Job:
     model: Any
     transform: Callable[[Any], torch.Tensor]
     tokenizer: Callable[..., torch.Tensor]
-    data: Any  # the test dataset
-    dataloader: torch.utils.data.DataLoader
+    data: Any  # the test dataset (None for tasks that read their data themselves: REGION_TASKS)
+    dataloader: torch.utils.data.DataLoader | None
     device: str
     amp: bool
     batch_size: int
@@ -251,6 +254,8 @@ TASKS: dict[str, Callable[[Job], dict[str, float]]] = {
     "zeroshot_retrieval": _zeroshot_retrieval,
     "image_caption_selection": _image_caption_selection,
     "linear_probe": _linear_probe,
+    # ours: region-level suites and zero-shot segmentation (powerclip.evaluation.regions), reading job.root
+    **REGION_TASKS,
 }
 
 
@@ -309,7 +314,8 @@ def run_benchmark(
                                             cache_dir=options.model_cache_dir, device=device)  # fmt: skip
     model.eval()
     root = str(_dataset_root(dataset, dataset_root))
-    data, loader = _test_data(dataset, root, transform, split, task, batch_size, workers, options)
+    data, loader = (None, None) if task in REGION_TASKS else _test_data(dataset, root, transform, split, task,
+                                                                           batch_size, workers, options)  # fmt: skip
     log.info("%s on %s (%s, %s, batch %d, %d workers, amp=%s)", checkpoint, dataset, task, device, batch_size,
              workers, amp)  # fmt: skip
     job = Job(dataset=dataset, root=root, model_id=f"{model_name}-{checkpoint}-{dataset}".replace("/", "_"),

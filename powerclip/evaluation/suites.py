@@ -15,7 +15,9 @@ Suites (task in ``SUITES``, one line each in ``DESCRIPTIONS``): ``shapes_cls`` c
 into the "<colour> <shape>" pairs seen in training (balanced); ``shapes_retrieval`` has 2-4 object images
 with unique generator captions; the minimal pairs (``--task image_caption_selection``, one 2-object image,
 ``txt`` = "positive\\nnegative") are read through clip-benchmark's "retrieval" reader, which yields exactly
-``(image, [captions...])``, so ``dataset_type.txt`` says "retrieval" and the task is passed explicitly.
+``(image, [captions...])``, so ``dataset_type.txt`` says "retrieval" and the task is passed explicitly. The
+region-level suites (grounding, region binding, segmentation) are built in
+:mod:`powerclip.evaluation.region_suites` and scored by our own tasks (:mod:`powerclip.evaluation.regions`).
 
 Bag-of-words design: the ``binding`` (colours swapped) and ``order`` (noun phrases swapped) negatives have
 exactly the positive's words, so an order-insensitive text encoder embeds both identically. ``relation``
@@ -44,6 +46,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from powerclip.evaluation import region_suites
 from powerclip.shards import ShardWriter, atomic_output_dir
 from powerclip.synthetic import GENERATOR_VERSION, RELATIONS, SIZES, ShapesConfig, ShapesGenerator
 
@@ -62,7 +65,11 @@ SUITES: dict[str, str] = {
     "shapes_order": SEL,
     "shapes_control": SEL,
     "shapes_binding_heldout": SEL,
+    # region level (powerclip.evaluation.region_suites): our own tasks, not clip-benchmark's
+    **{suite: task for suite, (task, _split) in region_suites.REGION_SUITES.items()},
 }
+# clip-benchmark's reader: what dataset_type.txt tells it (region suites are read by our own tasks only)
+DATASET_TYPES = {CLS: "classification", RET: "retrieval", SEL: "retrieval"}
 # Training shards are 0 .. num_shards-1; evaluation shards start far above so images are never shared.
 EVAL_SHARD_BASE = 1_000_000_000
 # Tag of the numpy streams that choose phrasings / replacements (independent of the image streams).
@@ -148,8 +155,8 @@ def _oriented(sample: dict, flip_direction: bool) -> tuple[dict, str, dict]:
 
 
 # ------------------------------------------------------------------------------------ suite builders
-# Each builder yields (fields, item) with fields = {"jpg": bytes, "cls"|"txt": bytes} and item = ground truth.
-Item = tuple[dict[str, bytes], dict[str, Any]]
+# Each builder yields (fields, item) with fields = {"jpg": bytes, "cls"|"txt"|"json": bytes} and item = ground truth.
+Item = region_suites.Item
 
 
 def _build_cls(cfg: ShapesConfig, seed: int, n: int) -> tuple[Iterator[Item], dict[str, Any]]:
@@ -346,6 +353,7 @@ def _builders(cfg: ShapesConfig) -> dict[str, Callable[[ShapesConfig, int, int],
         "shapes_binding_heldout": lambda c, s, n: _pair_suite(
             "shapes_binding_heldout", c, s, n, "heldout", _binding_maker(held, require_seen_negative=False)
         ),
+        **region_suites.region_builders(),
     }
 
 
@@ -357,6 +365,7 @@ DESCRIPTIONS = {
     "shapes_order": "positive vs the two noun phrases swapped around the relation (same words)",
     "shapes_control": "positive vs one colour (even items) or shape (odd items) replaced by one absent from the image",
     "shapes_binding_heldout": "shapes_binding on the heldout split (every image has a held-out colour-shape pair)",
+    **region_suites.DESCRIPTIONS,
 }
 
 
@@ -400,8 +409,9 @@ def _write_suite(suite_dir: Path, suite: str, cfg: ShapesConfig, seed: int, n: i
     if len(records) != n:
         raise RuntimeError(f"{suite}: wrote {len(records)} items, expected {n}")
     (test_dir / "nshards.txt").write_text(f"{nshards}\n")
-    dataset_type = "classification" if task == CLS else "retrieval"
-    (suite_dir / "dataset_type.txt").write_text(dataset_type + "\n")
+    dataset_type = DATASET_TYPES.get(task)
+    if dataset_type is not None:
+        (suite_dir / "dataset_type.txt").write_text(dataset_type + "\n")
     if task == CLS:
         (suite_dir / "classnames.txt").write_text("\n".join(info["classnames"]) + "\n")
         (suite_dir / "zeroshot_classification_templates.txt").write_text("\n".join(info["templates"]) + "\n")
@@ -417,7 +427,7 @@ def _write_suite(suite_dir: Path, suite: str, cfg: ShapesConfig, seed: int, n: i
         "seed": seed,
         "shard_index": info["shard_index"],
         "generator_config": json.loads(json.dumps(dataclasses.asdict(cfg))),
-        **({"classnames": info["classnames"], "templates": info["templates"]} if task == CLS else {}),
+        **{k: info[k] for k in ("classnames", "templates") if k in info},
         "items": records,
     }
     (suite_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
