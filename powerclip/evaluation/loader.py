@@ -5,6 +5,9 @@
 
 * one of our checkpoints (``powerclip_cfg`` inside, see docs/formats.md) is rebuilt by
   :func:`powerclip.model.load_model` with the config and pools it was trained with (an ablation stays one);
+* a released checkpoint fetched by rule ``fetch_released`` (a folder with ``released.json``) is rebuilt by
+  :func:`powerclip.evaluation.released.load_released` with the format and pooling its config entry records
+  (stock CLIP pooling for CLIP-PGS, avg for PowerCLIP, max/avg on the published towers for CLIPpy);
 * released OpenCLIP-format weights (a file: a state_dict or ``{"state_dict": ...}``; an open_clip pretrained
   tag; or an ``hf-hub:``/``local-dir:`` id such as ``hf-hub:KMasaki/PowerCLIP-ViT-B-16-CC12M``) are loaded
   by :func:`powerclip.model.load_openclip_checkpoint` with avg pooling in both towers, as the official
@@ -32,6 +35,7 @@ import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
+from powerclip.evaluation.released import is_released, load_released, read_descriptor
 from powerclip.model import (
     install_pools,
     load_model,
@@ -91,9 +95,12 @@ def _weights_file(pretrained: str | None) -> bool:
 
 
 def checkpoint_model_name(pretrained: str | os.PathLike[str]) -> str | None:
-    """The architecture to pass as ``model_name``: recorded in our checkpoints, the id itself for hf-hub /
-    local-dir ids, None for released weight files (their architecture must be given)."""
+    """The architecture to pass as ``model_name``: recorded in our checkpoints and in a released folder's
+    descriptor, the id itself for hf-hub / local-dir ids, None for released weight files (their architecture
+    must be given)."""
     pretrained = str(pretrained)
+    if is_released(pretrained):
+        return read_descriptor(pretrained)["model"]
     if pretrained.startswith(SCHEMA_PREFIXES):
         return pretrained
     if not _weights_file(pretrained):
@@ -133,6 +140,8 @@ def load_powerclip(
 
     * ``pretrained`` is one of our checkpoints (has ``powerclip_cfg``): rebuilt by ``load_model`` with the
       recorded config and pools; ``model_name`` is only checked against the recorded one.
+    * ``pretrained`` is a released folder (``released.json``, rule ``fetch_released``): rebuilt with the
+      format and pools it records; ``model_name`` is informational.
     * ``pretrained`` (or ``model_name`` when ``pretrained`` is empty) is an ``hf-hub:`` / ``local-dir:`` id:
       open_clip builds config and weights from it; pools forced to avg.
     * otherwise released OpenCLIP weights (a file: plain state_dict or ``{"state_dict": ...}``; or an open_clip
@@ -144,6 +153,10 @@ def load_powerclip(
     hub_id = next((s for s in (pretrained, model_name) if s and s.startswith(SCHEMA_PREFIXES)), None)
     # every local weights file is read here first, with weights_only=True, even when open_clip loads it
     checkpoint = read_checkpoint(pretrained) if hub_id is None and _weights_file(pretrained) else None
+    if is_released(pretrained):
+        with _quiet_random_init_warning():
+            model, name = load_released(pretrained)
+        return _ready(model, name, device, cache_dir, hub_id=True)
     if is_powerclip_checkpoint(checkpoint):
         cfg = checkpoint["powerclip_cfg"]
         name = cfg["model_name"]
@@ -168,6 +181,11 @@ def load_powerclip(
         # create_model set avg already; repeated so the README's rule (avg in both towers) is explicit here
         set_pools(model, "avg", "avg")
         log.info("loaded %s (weights %s) with avg pooling forced in both towers", name, weights or name)
+    return _ready(model, name, device, cache_dir, hub_id=hub_id is not None)
+
+
+def _ready(model: nn.Module, name: str, device, cache_dir: str | None, hub_id: bool):
+    """``(model on device in eval mode, its eval transform, the tokenizer of config ``name``)``."""
     model = model.to(device).eval()
     tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir) if hub_id else open_clip.get_tokenizer(name)
     return model, eval_transform(model), tokenizer
