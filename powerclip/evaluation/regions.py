@@ -290,6 +290,11 @@ def _segmentation_source(dataset: str):
     return {VOC_DATASET: voc_segmentation}.get(dataset, shapes_segmentation)
 
 
+def _as_list(batch: list) -> list:
+    """Images of several sizes: a batch stays a list (the DataLoader's workers still decode in parallel)."""
+    return batch
+
+
 def crop_box(grid: PatchGrid, width: int, height: int) -> tuple[int, int, int, int]:
     """(x0, y0, x1, y1) in original pixels of the centre crop the model sees (Resize + CenterCrop)."""
     sx, sy, left, top = grid.crop_geometry(width, height)
@@ -305,7 +310,7 @@ def segmentation_confusion_of(model: TokenModel, classifier: torch.Tensor, data:
     grid = PatchGrid(model.image_size, model.patch_size)
     g, n_classes = grid.cells_per_side, classifier.shape[1]
     confusion = np.zeros((n_classes, n_classes), dtype=np.int64)
-    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=lambda b: b)
+    loader = torch.utils.data.DataLoader(data, batch_size=batch_size, num_workers=workers, collate_fn=_as_list)
     for chunk in loader:
         pixels = torch.stack([x for x, _, _ in chunk]).to(device)
         with torch.autocast(torch.device(device).type, enabled=amp):
