@@ -120,6 +120,9 @@ def test_no_query_sees_a_later_one_and_the_prefix_sees_no_query():
     for q in range(5):
         grad = torch.autograd.grad((hidden[:, q] @ weights).sum(), cap.queries, retain_graph=True)[0]
         assert (grad[q + 1 :] == 0).all() and (grad[: q + 1].abs().sum(1) > 0).all()
+    # so decoding only the first queries (those with a target) gives exactly their outputs
+    image, text = torch.randn(2, 4, 16), torch.randn(2, 3, 16)
+    assert torch.allclose(cap(image, text, queries=3), cap(image, text)[:, :3], atol=1e-6)
 
 
 def test_caption_loss_ignores_padding_and_equals_masked_cross_entropy():
@@ -237,3 +240,61 @@ def test_a_clips_run_without_recaptions_is_refused(shards, tmp_path):
             "--checkpoint", str(tmp_path / "c.pt"), "--work-dir", str(tmp_path / "w")]  # fmt: skip
     with pytest.raises(FileNotFoundError, match="CLIPS needs --recaptions-dir"):
         main(argv)
+
+
+# ------------------------------------------------------ the released model (hf-hub:UCSC-VLAA/ViT-L-14-CLIPS-...)
+WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "circle", "on", "ledge", "."]
+CLIPS_LAYOUT = {  # the released open_clip_config.json's settings (the fork's ViT-L-14-CLIPS-224.json), tiny sizes
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 28, "layers": 2, "width": 48, "head_width": 16, "patch_size": 14, "no_ln_pre": True,
+                   "pool_type": "avg", "final_ln_after_pool": True, "norm_kwargs": {"eps": 1e-6}},
+    "text_cfg": {"context_length": 16, "vocab_size": 128, "hf_tokenizer_name": "UCSC-VLAA/ViT-L-14-CLIPS-Recap-DataComp-1B",
+                 "tokenizer_mode": "clips", "width": 32, "heads": 2, "layers": 2, "pool_type": "last",
+                 "no_causal_mask": True, "act_kwargs": {"approximate": "tanh"}, "norm_kwargs": {"eps": 1e-6}},
+}  # fmt: skip
+
+
+def clips_hub_folder(folder):
+    """An open_clip Hub folder as the CLIPS release has it: open_clip_config.json, open_clip_pytorch_model.bin
+    (a pickled state_dict of tensors) and a BERT WordPiece tokenizer whose bos/eos are [unused0]/[unused1]."""
+    import json
+
+    from open_clip.model import CLIP
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True)
+    vocab = ["[PAD]"] + [f"[unused{i}]" for i in range(99)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(str(folder / "vocab.txt"), bos_token="[unused0]", eos_token="[unused1]").save_pretrained(folder)
+    preprocess = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225], "interpolation": "bilinear", "resize_mode": "squash"}
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": CLIPS_LAYOUT, "preprocess_cfg": preprocess}))
+    torch.manual_seed(3)
+    model = CLIP(**CLIPS_LAYOUT).eval()
+    torch.save(model.state_dict(), folder / "open_clip_pytorch_model.bin")
+    return model
+
+
+def test_the_clips_release_layout_loads_with_its_own_pooling_through_the_evaluation_loader(tmp_path):
+    import json
+
+    from powerclip.evaluation.loader import load_powerclip
+
+    reference = clips_hub_folder(tmp_path / "released" / "weights")
+    (tmp_path / "released" / "released.json").write_text(json.dumps({
+        "name": "clips-vit-l-14", "source": "hf-hub:UCSC-VLAA/ViT-L-14-CLIPS-Recap-DataComp-1B", "format": "openclip",
+        "weights": "weights", "model": "hf-hub:UCSC-VLAA/ViT-L-14-CLIPS-Recap-DataComp-1B", "vision_pool": "native",
+        "text_pool": "native"}))  # fmt: skip
+    model, transform, tokenizer = load_powerclip(pretrained=str(tmp_path / "released"))
+    # built as the authors' fork builds it: LayerNorm eps 1e-6 everywhere, no ln_pre, norm after the avg pool,
+    # the last (class) token of a bidirectional text tower, tanh GELU in the text tower
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-6}
+    assert isinstance(model.visual.ln_pre, torch.nn.Identity) and model.visual.final_ln_after_pool
+    assert (model.visual.pool_type, model.text_pool_type, model.attn_mask) == ("avg", "last", None)
+    # CLIPS's tokenizer: [unused0] text [unused1], padding, and the class token 101 in the last position
+    ids = tokenizer(["a photo of the cat", "dog"])
+    assert ids.shape == (2, 16) and ids[0, :7].tolist() == [1, 104, 105, 106, 107, 108, 2] and ids[:, -1].tolist() == [101, 101]
+    assert transform.transforms[0].size == (28, 28)  # "squash": resized to the square, not cropped
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(images), reference.encode_image(images))
+        assert torch.equal(model.encode_text(ids), reference.encode_text(ids))

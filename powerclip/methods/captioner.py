@@ -54,12 +54,13 @@ class Captioner(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
         nn.init.normal_(self.head.weight, std=width**-0.5)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, queries: int | None = None) -> torch.Tensor:
         """Hidden states (B, queries, width) after the final norm, from image tokens (B, N, width) and the
-        web caption's token features (B, L, width)."""
+        web caption's token features (B, L, width). ``queries`` < all: only the first ones, whose outputs are
+        exactly those of the full decoder (no query sees a later one, the prefix sees none)."""
         prefix = torch.cat([image_tokens, text_tokens], dim=1)
-        batch, queries = prefix.shape[0], self.queries.shape[0]
-        x = torch.cat([prefix, self.queries.to(prefix.dtype).unsqueeze(0).expand(batch, -1, -1)], dim=1)
+        batch, queries = prefix.shape[0], min(queries or self.queries.shape[0], self.queries.shape[0])
+        x = torch.cat([prefix, self.queries[:queries].to(prefix.dtype).unsqueeze(0).expand(batch, -1, -1)], dim=1)
         mask = cross_causal_mask(prefix.shape[1], queries, device=x.device, dtype=x.dtype)
         x = self.transformer(x, attn_mask=mask)
         return self.ln_final(x[:, prefix.shape[1] :])

@@ -76,6 +76,10 @@ class ClipsMethod(TrainingMethod):
         _, web_tokens = encode_text_tokens(model, web)
         length = int((web != PAD_TOKEN_ID).sum(dim=1).max())
         captioner = getattr(model, CAPTIONER)
-        caption = captioner.caption_loss(captioner(patch_tokens, web_tokens[:, :length]), batch["caption"], PAD_TOKEN_ID)
+        # Queries past the batch's longest caption would only predict padding: they are left out (the others'
+        # outputs do not depend on them), which changes nothing but the cost.
+        targets = int((batch["caption"][:, 1:] != PAD_TOKEN_ID).sum(dim=1).max())
+        hidden = captioner(patch_tokens, web_tokens[:, :length], queries=targets)
+        caption = captioner.caption_loss(hidden, batch["caption"], PAD_TOKEN_ID)
         loss = self.contrastive_weight * contrastive + self.caption_weight * caption
         return {"loss": loss, "contrastive_loss": contrastive, "caption_loss": caption, "logit_scale": scale}
