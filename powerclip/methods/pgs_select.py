@@ -177,9 +177,9 @@ def select_patches(
     patches seed the masked clusters; ``paper``: noise + 10⁶·(1 − edge), so the lowest-edge patches seed
     them and high-edge (object) patches are protected. K = min(⌊L(1 − r)⌋, L − fewest flagged in the
     batch [+ int(smallest edge sum) with an edge prior, as released]), at least 1 (an avg-pooled tower
-    needs a token). Unflagged patches share the sort key 0 and keep their grid order (the released
-    ``argsort`` of ties on CPU and CUDA), so an image with more unflagged patches than K loses the last ones
-    in raster order, as released."""
+    needs a token). Unflagged patches share the sort key 0 and keep their grid order (a stable sort), so an
+    image with more unflagged patches than K loses the last ones in raster order; the released unstable
+    ``argsort`` leaves the order of these ties to the sort implementation (docs/method.md)."""
     batch, num_patches, _ = sim.shape
     noise = torch.rand(batch, num_patches, device=sim.device)
     if edge is not None:
