@@ -75,7 +75,7 @@ def sinkhorn_released(
     matrix: torch.Tensor, iterations: int = SINKHORN_ITERATIONS, eps: float = SINKHORN_TOLERANCE
 ) -> torch.Tensor:
     """The released iteration verbatim: both sums taken before either division, and applied to the signed
-    cosine matrix. It is not a transport plan: on real images its rows sum to anything from −30 to +500
+    cosine matrix. It does not converge: on real photographs its rows end millions away from 1
     (docs/method.md); kept as the default because it is what produced the published PGS numbers."""
     for _ in range(iterations):
         sum_1 = matrix.sum(dim=1, keepdim=True)
