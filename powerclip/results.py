@@ -155,4 +155,5 @@ def seed_summary(long: pd.DataFrame, runs: Mapping[str, Mapping] | pd.DataFrame,
         pairs = wide.loc[row["benchmark"], [row["setting"], base]].dropna() if base in wide else wide.iloc[:0, :0]
         diff = paired_difference(pairs.get(row["setting"], []), pairs.get(base, []))
         out.loc[i, list(diff)] = list(diff.values())
+    out["diff_n"] = out["diff_n"].astype("Int64")  # a count (empty for the baseline), not a float
     return out

@@ -76,6 +76,9 @@ def test_seed_summary_pairs_equal_seeds_with_the_baseline(runs):
     oracle = out.loc[("oracle-s1", "shapes_grounding")]
     assert oracle["diff_n"] == 1 and oracle["diff_mean"] == pytest.approx(0.60 - 0.42) and math.isnan(oracle["diff_ci_low"])
     assert out.loc[("pc", "shapes_cls")]["diff_n"] == 1
+    csv = seed_summary(long_table(values), runs).to_csv(index=False, float_format="%.4f").splitlines()
+    assert csv[1].startswith("clip,shapes_cls,0.2500,,1,clip,clip,,,,,")  # the baseline's own row: no difference
+    assert ",0.0500,,,1," in next(line for line in csv if line.startswith("pc,shapes_cls"))  # a count, not 1.0
     base = out.loc[("clip", "shapes_grounding")]
     assert base["baseline"] == "clip" and math.isnan(base["diff_mean"]) and base["n"] == 3
     assert list(seed_summary(long_table(values), runs).columns) == [
