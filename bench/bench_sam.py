@@ -9,11 +9,12 @@ Per model, one segmenter with random weights (no checkpoint can be downloaded he
 with `reconfigure` so that every case runs the same weights on the same images (shapes images upscaled to
 256 px, the size img2dataset stores CC12M at; both models resize to 1024 internally):
 
-* agreement first: on `--agreement-images` images, 8 x 8 points, both quality thresholds 0 and mask
+* agreement first: on `--agreement-images` images, `--agreement-points`^2 points, quality thresholds 0, mask
   threshold `--agreement-mask-threshold` (0.1 as in tests/test_sam.py: random weights then keep masks, and
   some are small), the stock generator in fp32 against the boxes-only one in fp32 and in `--precision`:
   `region_agreement`, the fraction of the top-32 regions (by area) whose boxes have IoU >= 0.9, rank by
-  rank (the bar: >= 0.95), with how many of the compared boxes are smaller than half the image;
+  rank (the bar: >= 0.95), the same for areas within 2 %, and how many of the compared stock boxes are
+  smaller than half the image (with random weights many masks cover the whole image);
 * then the timing, at `--points-per-side` and the default thresholds (`--keep-all`: both at 0): the stock
   generator as the workflow ran it (`--stock-points-per-batch`; SAM fp32, SAM 2 bf16 autocast on CUDA), then
   the boxes-only one for every `--points-per-batch` x `--image-batch-size`, then (`--compile`) the best of
@@ -44,7 +45,7 @@ from powerclip.sam_boxes import region_agreement  # noqa: E402
 from powerclip.synthetic import ShapesConfig, ShapesGenerator  # noqa: E402
 
 # What the agreement check runs (see the docstring); the issue's bar is TOP_K / MIN_IOU / 95 %.
-AGREEMENT = {"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+AGREEMENT = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
 TOP_K, MIN_IOU = 32, 0.9
 
 
@@ -85,8 +86,8 @@ def agreement(segmenter, images: list, args) -> dict:
     random weights the comparison says little where every box is the whole image: `small_boxes` is the
     fraction of the compared stock regions whose box covers less than half of the image."""
     segmenter.reconfigure(generator="stock", precision="fp32", image_batch_size=1,
-                          points_per_batch=args.stock_points_per_batch, **AGREEMENT,
-                          mask_threshold=args.agreement_mask_threshold)  # fmt: skip
+                          points_per_batch=args.stock_points_per_batch, points_per_side=args.agreement_points,
+                          mask_threshold=args.agreement_mask_threshold, **AGREEMENT)  # fmt: skip
     reference = segmenter.segment_batch(images)
     ranked = [sorted(r, key=lambda x: -x.area)[:TOP_K] for r in reference]
     out = {
@@ -102,10 +103,17 @@ def agreement(segmenter, images: list, args) -> dict:
         if name != "fp32" and not segmenter.bf16:
             continue  # "auto" on the CPU is fp32: nothing new to compare
         found = segmenter.segment_batch(images)
-        out[f"boxes_{name}"] = statistics.mean(
-            region_agreement(r, f, TOP_K, MIN_IOU) for r, f in zip(reference, found, strict=True)
-        )
+        pairs = list(zip(reference, found, strict=True))
+        out[f"boxes_{name}"] = statistics.mean(region_agreement(r, f, TOP_K, MIN_IOU) for r, f in pairs)
+        out[f"areas_{name}"] = statistics.mean(area_agreement(r, f) for r, f in pairs)
     return out
+
+
+def area_agreement(reference: list, found: list, rel: float = 0.02) -> float:
+    """Fraction of the top-k ranks (by area) whose areas agree within ``rel``; a missing rank is a miss."""
+    ref, got = ([r.area for r in sorted(x, key=lambda r: -r.area)[:TOP_K]] for x in (reference, found))
+    ranks = max(len(ref), len(got))
+    return sum(abs(a - b) <= rel * a for a, b in zip(ref, got, strict=False)) / ranks if ranks else 1.0
 
 
 def bench_model(source: str, model: dict, images: list, agree_images: list, args, device: str) -> dict:
@@ -167,6 +175,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--compile", action="store_true", help="one more case: the fastest, image encoder compiled")
     parser.add_argument("--keep-all", action="store_true", help="timing with both thresholds 0: every mask is kept")
     parser.add_argument("--agreement-images", type=int, default=2)
+    parser.add_argument("--agreement-points", type=int, default=8, help="points per side of the agreement check")
     parser.add_argument("--agreement-mask-threshold", type=float, default=0.1,
                         help="random weights give small logits: at 0 every box is the whole image")  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -190,12 +199,13 @@ def main(argv=None) -> dict:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, result in results.items():
         print("\n".join(table(name, result)))
-    print(f"\nAgreement with the stock generator in fp32 ({AGREEMENT['points_per_side']}x{AGREEMENT['points_per_side']} "
-          f"points, thresholds 0, mask threshold {args.agreement_mask_threshold}, {args.agreement_images} images): "
-          f"fraction of the top-{TOP_K} regions with box IoU >= {MIN_IOU}, rank by rank (bar: 0.95)")  # fmt: skip
+    print(f"\nAgreement with the stock generator in fp32 ({args.agreement_points}x{args.agreement_points} points, "
+          f"thresholds 0, mask threshold {args.agreement_mask_threshold}, {args.agreement_images} images): fraction "
+          f"of the top-{TOP_K} regions, rank by rank in area order, with box IoU >= {MIN_IOU} (boxes; bar: 0.95) "
+          "and with areas within 2 % (areas)")  # fmt: skip
     for name, result in results.items():
         a = result["agreement"]
-        cells = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in a.items() if k.startswith("boxes"))
+        cells = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in a.items() if k.startswith(("boxes", "areas")))
         print(f"- {name}: {cells} ({a['regions_per_image']:.1f} stock regions / image, "
               f"{a['small_boxes']:.0%} of them under half the image)")  # fmt: skip
     print(json.dumps(results))

@@ -23,13 +23,13 @@ export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 # 1. Both models: stock (points_per_batch 256, as config/cc12m.yaml) against boxes-only in bf16 with 256 / 1024
-#    points per decoder batch and 1 / 4 images per encoder pass; agreement at 8 x 8 points first.
-timeout 170 python3 bench/bench_sam.py --device cuda --images 16 --json "$out/sam.json" >"$out/sam.txt" 2>&1
+#    points per decoder batch and 1 / 4 images per encoder pass; agreement at 16 x 16 points first.
+timeout 170 python3 bench/bench_sam.py --device cuda --images 16 --agreement-points 16 --json "$out/sam.json" >"$out/sam.txt" 2>&1
 echo "== boxes vs stock: exit $?"
-tail -n 16 "$out/sam.txt"
+grep -v "^{" "$out/sam.txt" | tail -n 20
 
 # 2. SAM ViT-H, the image encoder compiled (torch.compile; compilation happens in the warm-up batch).
 timeout 150 python3 bench/bench_sam.py --device cuda --images 16 --sam2 '' --points-per-batch 1024 \
     --image-batch-size 4 --agreement-images 1 --compile --json "$out/sam_compile.json" >"$out/sam_compile.txt" 2>&1
 echo "== compile: exit $?"
-tail -n 10 "$out/sam_compile.txt"
+grep -v "^{" "$out/sam_compile.txt" | tail -n 12

@@ -335,6 +335,24 @@ def test_boxes_path_gives_the_stock_regions(segmenters, results, source):
 
 
 @pytest.mark.slow
+def test_boxes_path_filters_by_predicted_iou_as_stock(segmenters, results):
+    # The boxes-only path filters by predicted IoU before upsampling, the stock one after: the same masks must
+    # survive. SAM 2's random decoder predicts IoUs of 0.47-0.55 here; at 0.53 about a third of them pass.
+    # (The stability filter cannot be exercised with random weights: their logits never pass the +1 offset.)
+    found = {}
+    for generator in ("boxes", "stock"):
+        segmenter = segmenters("sam2", generator)
+        segmenter.reconfigure(pred_iou_thresh=0.53)
+        try:
+            found[generator] = segmenter(disks(*IMAGES["square64"]))
+        finally:
+            segmenter.reconfigure(pred_iou_thresh=0.0)
+    assert 1 <= len(found["stock"]) < len(results("sam2", "square64"))  # the filter changes the result
+    assert len(found["boxes"]) == len(found["stock"])
+    assert region_agreement(found["stock"], found["boxes"], TOP_K, MIN_IOU) >= MIN_AGREEMENT
+
+
+@pytest.mark.slow
 def test_segment_batch_encodes_images_together(segmenters, results):
     # SAM 2's boxes-only segmenter has image_batch_size=2: one encoder pass for both images, and the regions
     # of each image as when it is segmented alone.
