@@ -18,15 +18,16 @@ masks at all; tests set both to 0.
 
 Two generators (``generator``), both over the same point grid with the same filters:
 
-* ``"boxes"`` (default) -- :class:`powerclip.sam_boxes.BoxesGenerator`: the image encoder once per image
-  (``image_batch_size`` images per encoder pass in :meth:`~_AmgSegmenter.segment_batch`), the decoder on
-  ``points_per_batch`` points at a time, and every mask reduced to its box and pixel area on the device: no
-  RLE, no per-mask CPU work. The workflow keeps nothing else of a mask.
+* ``"boxes"`` (default) -- :class:`powerclip.sam_boxes.BoxesGenerator`: the image encoder once per image,
+  the decoder on ``points_per_batch`` points at a time, every mask reduced to its box and pixel area on the
+  device (no RLE, no per-mask CPU work: the workflow keeps nothing else of a mask). ``image_batch_size``
+  images share an encoder pass in :meth:`~_AmgSegmenter.segment_batch`; ``powerclip.regions.segment_shard``
+  calls the segmenter one image at a time, so there it has no effect.
 * ``"stock"`` -- the packages' ``SamAutomaticMaskGenerator`` / ``SAM2AutomaticMaskGenerator``, kept for
   checking and for what the boxes-only path does not do (crops, SAM's opencv hole/island removal).
 
 ``tests/test_sam.py`` checks on CPU, with the same random weights and points, that both give the same
-regions in the same order.
+regions in the same order. ``mask_threshold`` is the logit above which a pixel is in a mask (0, as upstream).
 
 A mask's ``bbox`` is SAM's own: XYWH in the input image's pixels, computed from the mask's first/last
 foreground column/row, so ``w = last_col - first_col`` (a one-pixel-wide mask has ``w == 0``);
@@ -58,7 +59,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from powerclip.regions import Region
-from powerclip.sam_boxes import BoxesGenerator, Sam2Adapter, SamAdapter
+from powerclip.sam_boxes import BoxesGenerator, Sam2Adapter, SamAdapter, boxes_to_regions
 
 if TYPE_CHECKING:  # pragma: no cover
     from PIL import Image
@@ -185,15 +186,6 @@ def _masks_to_regions(masks: list[dict[str, Any]]) -> list[Region]:
     return regions
 
 
-def _boxes_to_regions(rows: np.ndarray) -> list[Region]:
-    """The boxes-only path's ``x0, y0, x1, y1, area`` rows (inclusive indices) -> the same regions as
-    :func:`_masks_to_regions` gives for the stock records of the same masks."""
-    return [
-        Region(area=float(area), bbox=(float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)))
-        for x0, y0, x1, y1, area in rows.tolist()
-    ]
-
-
 class _AmgSegmenter:
     """Shared call path: RGB arrays -> the boxes-only generator or the stock generator -> regions.
 
@@ -283,7 +275,7 @@ class _AmgSegmenter:
         arrays = [_to_rgb_array(image) for image in images]
         with torch.inference_mode():
             if self.boxes is not None:
-                found = [_boxes_to_regions(rows) for rows in self.boxes.generate(arrays)]
+                found = [boxes_to_regions(rows) for rows in self.boxes.generate(arrays)]
             else:
                 found = []
                 for array in arrays:

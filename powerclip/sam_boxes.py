@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from powerclip.regions import Region
+
 
 @dataclass
 class _Encoded:
@@ -221,6 +223,16 @@ class BoxesGenerator:
         keep = batched_nms(boxes.float(), scores, torch.zeros_like(scores), iou_threshold=self.box_nms_thresh)
         rows = torch.cat([boxes[keep].float(), areas[keep, None].float()], dim=1)
         return rows.cpu().numpy()
+
+
+def boxes_to_regions(rows: np.ndarray) -> list[Region]:
+    """:meth:`BoxesGenerator.generate`'s ``x0, y0, x1, y1, area`` rows (inclusive indices) -> regions: the
+    same as ``powerclip.sam._masks_to_regions`` gives for the stock generator's records of the same masks
+    (SAM's XYWH box + 1 in width and height)."""
+    return [
+        Region(area=float(area), bbox=(float(x0), float(y0), float(x1 - x0 + 1), float(y1 - y0 + 1)))
+        for x0, y0, x1, y1, area in rows.tolist()
+    ]
 
 
 def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

@@ -272,7 +272,8 @@ def test_boxes_rows_give_the_stock_records_regions():
     torch = pytest.importorskip("torch")
     from segment_anything.utils.amg import area_from_rle, batched_mask_to_box, box_xyxy_to_xywh, mask_to_rle_pytorch
 
-    from powerclip.sam import _boxes_to_regions, _masks_to_regions
+    from powerclip.sam import _masks_to_regions
+    from powerclip.sam_boxes import boxes_to_regions
 
     masks = torch.rand(6, 12, 17, generator=torch.Generator().manual_seed(0)) > 0.9
     masks[0] = False
@@ -286,7 +287,7 @@ def test_boxes_rows_give_the_stock_records_regions():
         for rle, box in zip(mask_to_rle_pytorch(masks), boxes, strict=True)
     ]
     rows = torch.cat([boxes.float(), masks.sum(dim=(-2, -1))[:, None].float()], dim=1).numpy()
-    regions = _boxes_to_regions(rows)
+    regions = boxes_to_regions(rows)
     assert regions == _masks_to_regions(records)
     assert regions[:3] == [Region(1.0, (4.0, 3.0, 1.0, 1.0)), Region(30.0, (6.0, 2.0, 10.0, 3.0)),
                            Region(0.0, (0.0, 0.0, 1.0, 1.0))]  # fmt: skip
