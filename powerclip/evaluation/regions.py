@@ -142,7 +142,9 @@ class _Features:
         return cells
 
     def phrase_positions(self, caption: str, text: torch.Tensor, spans: Sequence[Sequence[int]]) -> list[list[int]]:
-        pieces = self.aligner.pieces(self.aligner.clean(caption))
+        if self.aligner.clean(caption) != caption:  # the mentions' character spans refer to the caption as stored
+            raise ValueError(f"caption {caption!r} changes under the tokenizer's cleaning; write the suite again")
+        pieces = self.aligner.pieces(caption)
         length = len(pieces.ids)
         if text[1 : length + 1].tolist() != pieces.ids:
             raise ValueError(f"caption {caption!r}: the tokenizer's ids differ from the aligned pieces")
