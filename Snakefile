@@ -19,8 +19,10 @@ include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/parse_tree.smk"
 include: "rules/segment.smk"
+include: "rules/recaption.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/released.smk"
 include: "rules/report.smk"
 
 
@@ -29,6 +31,7 @@ rule all:
     input:
         phrases=all_phrase_sidecars(),
         regions=all_region_sidecars(),
+        region_quality=f"results/{DATASET}/regions/quality.csv",
         checkpoints=all_checkpoints(),
         eval="results/eval.csv",
         plots="results/plots/eval_bars.png",

@@ -13,15 +13,24 @@ resumes mid-epoch by rebuilding the epoch's stream and skipping the batches alre
 
 Images get open_clip's evaluation transform (resize the shorter side, centre crop, normalise) so that the
 patch grid the regions were mapped onto (:class:`powerclip.regions.PatchGrid`) is exactly the model's.
+
+A method that trains on synthetic captions (CLIPS: ``DataConfig.caption_views``) also gets the recaptions
+sidecar (powerclip.recaptions) and, per sample, sub-captions of the synthetic caption for the text encoder
+(:func:`subcaption_span`, or open_clip's truncation / random / block token reductions), the web caption and
+the full synthetic caption as the captioner's targets; seeded by (seed, epoch, key) like random top-k.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import random
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -37,6 +46,31 @@ class ShardSpec:
     raw: str
     phrases: str | None = None  # None: the phrases are inside the raw shard (combined format)
     regions: str | None = None  # None: the regions are inside the raw shard (combined format)
+    recaptions: str | None = None  # the recaptions sidecar (syn.txt, web.txt), for methods that read one
+
+
+# Text-encoder views of a synthetic caption: ours (whole sentences) or open_clip's reductions
+# (open_clip.tokenizer.get_reduction_mask_fn: "simple" is a random block, "random" random tokens in order).
+TEXT_REDUCTIONS = {"subcaption": None, "truncate": None, "random": "random", "block": "simple"}
+SYN, WEB = "syn.txt", "web.txt"  # the recaptions sidecar's members (powerclip.recaptions)
+
+
+@dataclass(frozen=True)
+class CaptionViews:
+    """What a batch carries for CLIPS (docs/method.md, "clips"): ``views`` text-encoder views of each
+    synthetic caption within ``tokens`` tokens (start and end of text included) made by ``reduction``, the
+    web caption, and the full synthetic caption in ``caption_tokens`` + 1 positions (the captioner's targets)."""
+
+    reduction: str = "subcaption"
+    tokens: int = 32
+    views: int = 2
+    caption_tokens: int = 128
+
+    def __post_init__(self):
+        if self.reduction not in TEXT_REDUCTIONS:
+            raise ValueError(f"text reduction {self.reduction!r} is not one of {sorted(TEXT_REDUCTIONS)}")
+        if self.tokens < 3 or self.views < 1 or self.caption_tokens < 1:
+            raise ValueError(f"caption views need tokens >= 3, views >= 1, caption_tokens >= 1: {self}")
 
 
 @dataclass(frozen=True)
@@ -49,6 +83,7 @@ class DataConfig:
     max_phrases: int = 16  # phrases per caption fed to the loss (the first ones in stored order)
     use_parse_phrases: bool = True  # False: every content token is its own phrase
     use_regions: bool = True  # False (plain CLIP): regions and phrases are not read at all
+    caption_views: CaptionViews | None = None  # CLIPS: recaptions sidecar, sub-captions, captioner targets
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
     seed: int = 0
@@ -59,19 +94,17 @@ class MissingSidecarError(KeyError):
         return str(self.args[0])
 
 
-def joined_samples(spec: ShardSpec, with_regions: bool = True) -> Iterator[dict]:
+def joined_samples(spec: ShardSpec, with_regions: bool = True, with_recaptions: bool = False) -> Iterator[dict]:
     """Raw samples of a shard with their sidecar fields merged in, key by key, in shard order."""
     needed = set(IMAGE_EXTENSIONS) | {"txt"}
+    wanted = []
     if with_regions:
         needed |= {"njson", "samlens.npy", "samcat.npy"}
+        wanted += [(spec.phrases, {"njson"}), (spec.regions, {"samlens.npy", "samcat.npy"})]
+    if with_recaptions:
+        wanted.append((spec.recaptions, {SYN, WEB}))
     raw = iter_samples(spec.raw, fields=needed)
-    sidecars = []
-    if with_regions:
-        sidecars = [
-            (path, iter_samples(path, fields=fields))
-            for path, fields in ((spec.phrases, {"njson"}), (spec.regions, {"samlens.npy", "samcat.npy"}))
-            if path is not None
-        ]
+    sidecars = [(path, iter_samples(path, fields=fields)) for path, fields in wanted if path is not None]
     for sample in raw:
         key = sample["__key__"]
         for path, stream in sidecars:
@@ -83,10 +116,10 @@ def joined_samples(spec: ShardSpec, with_regions: bool = True) -> Iterator[dict]
                     "rebuild the sidecar (delete it and rerun the workflow)"
                 )
             sample.update({k: v for k, v in other.items() if k != "__key__"})
-        if with_regions:
-            for field in ("njson", "samlens.npy", "samcat.npy"):
-                if field not in sample:
-                    raise MissingSidecarError(f"{spec.raw}: sample {key!r} has no {field!r} (no sidecar given)")
+        required = (("njson", "samlens.npy", "samcat.npy") if with_regions else ()) + ((SYN,) if with_recaptions else ())
+        for field in required:
+            if field not in sample:
+                raise MissingSidecarError(f"{spec.raw}: sample {key!r} has no {field!r} (no sidecar given)")
         sample["__shard__"] = spec.raw
         yield sample
     for path, stream in sidecars:
@@ -115,6 +148,69 @@ def token_phrases(num_tokens: int, context_length: int) -> list[list[int]]:
     return [[i] for i in range(1, last + 1)]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sentences(text: str) -> list[str]:
+    """A caption's sentences (split after ``.``, ``!`` or ``?`` followed by white space), white space
+    normalised; a caption without such an end is one sentence."""
+    return [part for part in _SENTENCE_END.split(" ".join(text.split())) if part]
+
+
+def subcaption_span(lengths: Sequence[int], budget: int, rng: np.random.Generator) -> tuple[int, int]:
+    """CLIPS's sub-caption: sentences ``[start, end)`` with ``start`` drawn uniformly, then the sentences
+    after it while their token counts (``lengths``) still fit into ``budget``; at least the start sentence
+    (the tokenizer truncates it when it alone is longer). No wrap-around past the last sentence."""
+    start = int(rng.integers(len(lengths)))
+    end, total = start + 1, lengths[start]
+    while end < len(lengths) and total + lengths[end] <= budget:
+        total += lengths[end]
+        end += 1
+    return start, end
+
+
+@contextlib.contextmanager
+def seeded_globals(rng: np.random.Generator) -> Iterator[None]:
+    """Seed Python's and torch's global RNGs from ``rng`` for the duration (open_clip's token reductions draw
+    from them), restoring both afterwards: the sample's views depend on (seed, epoch, key) only."""
+    state = random.getstate()
+    seed = int(rng.integers(2**63))
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
+def text_views(text: str, cfg: CaptionViews, tokenizer, rng: np.random.Generator, context_length: int) -> torch.Tensor:
+    """``cfg.views`` token rows (views, context_length) of ``text``, each within ``cfg.tokens`` tokens (SOT and
+    EOT included), zero-padded to the model's context length."""
+    if cfg.tokens > context_length:
+        raise ValueError(f"a text view of {cfg.tokens} tokens does not fit the model's context of {context_length}")
+    out = torch.zeros(cfg.views, context_length, dtype=torch.long)
+    if cfg.reduction == "subcaption":
+        parts = sentences(text)
+        lengths = [len(tokenizer.encode(part)) for part in parts]
+        rows = []
+        for _ in range(cfg.views):
+            start, end = subcaption_span(lengths, cfg.tokens - 2, rng)
+            rows.append(tokenizer([" ".join(parts[start:end])], context_length=cfg.tokens)[0])
+        reduced = torch.stack(rows)
+    elif cfg.reduction == "truncate":
+        reduced = tokenizer([text] * cfg.views, context_length=cfg.tokens)
+    else:
+        from open_clip.tokenizer import get_reduction_mask_fn
+
+        reduce = get_reduction_mask_fn(TEXT_REDUCTIONS[cfg.reduction])
+        with seeded_globals(rng):
+            reduced = reduce([text] * cfg.views, context_length=cfg.tokens, sot_token_id=tokenizer.sot_token_id,
+                             eot_token_id=tokenizer.eot_token_id, encode_fn=tokenizer.encode)  # fmt: skip
+    out[:, : cfg.tokens] = reduced
+    return out
+
+
 class SampleProcessor:
     """Decoded, transformed, tokenised sample from a joined raw sample."""
 
@@ -136,6 +232,8 @@ class SampleProcessor:
             raise ValueError(f"{shard}: sample {key!r} cannot be decoded ({exc}); fetch the shard again") from exc
         text = self.tokenizer([caption])[0]
         out = {"key": key, "image": self.transform(image), "text": text, "regions": [], "phrases": []}
+        if self.cfg.caption_views is not None:
+            out.update(self.caption_views(sample))
         if not self.cfg.use_regions:
             return out
         rng = sample_rng(self.cfg.seed, self.epoch, key)
@@ -154,6 +252,22 @@ class SampleProcessor:
             phrases = token_phrases(int((text != 0).sum()) - 2, self.cfg.context_length)
         out["phrases"] = phrases[: self.cfg.max_phrases]
         return out
+
+    def caption_views(self, sample: dict) -> dict:
+        """CLIPS's fields: ``subcaptions`` (views, L) of the synthetic caption, ``web_text`` (L,) and
+        ``caption`` (caption_tokens + 1,), the full synthetic caption the captioner predicts."""
+        views = self.cfg.caption_views
+        key, shard = sample["__key__"], sample.get("__shard__")
+        try:
+            synthetic, web = sample[SYN].decode("utf-8"), sample[WEB].decode("utf-8")
+        except (KeyError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{shard}: sample {key!r} has no readable recaptions ({exc}); rebuild its recaptions sidecar") from exc
+        rng = sample_rng(self.cfg.seed, self.epoch, key)
+        return {
+            "subcaptions": text_views(synthetic, views, self.tokenizer, rng, self.cfg.context_length),
+            "web_text": self.tokenizer([web])[0],
+            "caption": self.tokenizer([synthetic], context_length=views.caption_tokens + 1)[0],
+        }
 
 
 def check_sidecar_grid(specs: Sequence[ShardSpec], cfg: DataConfig) -> None:
@@ -179,6 +293,32 @@ def check_sidecar_grid(specs: Sequence[ShardSpec], cfg: DataConfig) -> None:
             )
 
 
+def with_synthetic_caption(samples: Iterator[dict], spec: ShardSpec):
+    """The samples whose recaptions entry is not empty (the recaption stage keeps an empty entry, counted in
+    its stats, for a sample without a synthetic caption); returns how many were kept."""
+    kept = left_out = 0
+    for sample in samples:
+        if sample[SYN]:
+            kept += 1
+            yield sample
+        else:
+            left_out += 1
+    if left_out:
+        log.debug("%s: %d samples without a synthetic caption left out (see %s)", spec.raw, left_out, spec.recaptions)
+    return kept
+
+
+def check_recaptions(specs: Sequence[ShardSpec]) -> None:
+    """Refuse recaptions sidecars that are missing, or whose stats say that no sample has a synthetic caption."""
+    missing = [s.raw for s in specs if s.recaptions is None or not Path(s.recaptions).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no recaptions sidecar for {missing[:3]}: CLIPS needs --recaptions-dir (rule recaption_shard)")
+    stats = [Path(s.recaptions).with_suffix(".stats.json") for s in specs]
+    if all(p.is_file() for p in stats) and sum(json.loads(p.read_text())["samples_out"] for p in stats) == 0:
+        raise ValueError(f"no sample of the {len(specs)} training shards has a synthetic caption ({stats[0]}, ...): "
+                         "check datasets.<name>.recaptions in the config (source, join, columns)")  # fmt: skip
+
+
 def pad_groups(groups: Sequence[Sequence[Sequence[int]]], slots: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample lists of index lists -> (index (B, slots, C), member mask (B, slots, C), slot mask (B, slots))."""
     width = max([len(g) for sample in groups for g in sample] + [1])
@@ -198,6 +338,9 @@ def collate(samples: Sequence[dict], cfg: DataConfig) -> dict:
         "image": torch.stack([s["image"] for s in samples]),
         "text": torch.stack([s["text"] for s in samples]),
     }
+    if cfg.caption_views is not None:
+        for field in ("subcaptions", "web_text", "caption"):
+            batch[field] = torch.stack([s[field] for s in samples])
     if cfg.use_regions:
         batch["region_index"], batch["region_cells"], batch["region_mask"] = pad_groups([s["regions"] for s in samples], cfg.topk)
         batch["phrase_index"], batch["phrase_tokens"], batch["phrase_mask"] = pad_groups(
@@ -214,6 +357,8 @@ class ShardStream(torch.utils.data.IterableDataset):
         if not specs:
             raise ValueError("no training shards given")
         self.specs, self.cfg, self.batch_size, self.epoch, self.rank = list(specs), cfg, batch_size, epoch, rank
+        if cfg.caption_views is not None:
+            check_recaptions(self.specs)
 
     def _samples(self, worker: int) -> Iterator[dict]:
         import webdataset as wds
@@ -225,8 +370,17 @@ class ShardStream(torch.utils.data.IterableDataset):
                 yield self.specs[shard_rng.randrange(len(self.specs))]
 
         def samples(specs):
+            empty_passes = 0
             for spec in specs:
-                yield from joined_samples(spec, with_regions=self.cfg.use_regions)
+                joined = joined_samples(spec, with_regions=self.cfg.use_regions, with_recaptions=self.cfg.caption_views is not None)
+                if self.cfg.caption_views is None:
+                    yield from joined
+                    continue
+                kept = yield from with_synthetic_caption(joined, spec)
+                empty_passes = 0 if kept else empty_passes + 1
+                if empty_passes > 8 * len(self.specs) + 8:
+                    raise ValueError(f"{empty_passes} shard passes in a row without a sample that has a synthetic caption: "
+                                     "check the recaptions sidecars' stats (results/<dataset>/recaptions.summary.json)")  # fmt: skip
 
         shuffle_seed = f"samples/{self.cfg.seed}/{self.epoch}/{self.rank}/{worker}"
         stream = wds.filters._shuffle(

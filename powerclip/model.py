@@ -51,6 +51,10 @@ MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 # ours -> open_clip VisionTransformer.pool_type ("max" is added by install_pools, like text "avg")
 VISION_POOLS: dict[str, str] = {"avg": "avg", "cls": "tok", "max": "max"}
 TEXT_POOLS: dict[str, str] = {"avg": "avg", "argmax": "argmax"}  # ours -> open_clip text pool_type
+# Both towers "native": the pooling the model's own config gives it, untouched (a released model evaluated as
+# its authors pool it, e.g. CLIPS: avg with a norm after pooling, the last text token). Such a model has no
+# region or phrase features (encode_image_tokens / encode_text_tokens still refuse what they cannot pool).
+NATIVE_POOL = "native"
 
 # open_clip's SimpleTokenizer pads with 0; SOT (49406) and EOT (49407) are real tokens and are averaged.
 PAD_TOKEN_ID = 0
@@ -238,11 +242,17 @@ def _check_text_tower(model: nn.Module, model_cfg: Mapping[str, Any] | None, tex
 
 def set_pools(model: nn.Module, vision_pool: str = "avg", text_pool: str = "avg") -> nn.Module:
     """Set the pooling of both towers in place (plain attributes; no parameters change)."""
+    if (vision_pool, text_pool) == (NATIVE_POOL, NATIVE_POOL):
+        return unwrap_model(model)
     if vision_pool not in VISION_POOLS:
         raise ValueError(f"vision_pool must be one of {sorted(VISION_POOLS)}, got {vision_pool!r}")
     if text_pool not in TEXT_POOLS:
         raise ValueError(f"text_pool must be one of {sorted(TEXT_POOLS)}, got {text_pool!r}")
     model = unwrap_model(model)
+    if not isinstance(model.visual, oc_transformer.VisionTransformer):
+        from powerclip.methods.clippy import set_tower_pools  # a timm ViT + HF text tower (clippy's published)
+
+        return set_tower_pools(model, vision_pool, text_pool)
     install_pools()
     model.visual.pool_type = VISION_POOLS[vision_pool]
     if _text_tower_kind(model) == "clip":
@@ -270,13 +280,18 @@ def create_model(
     without disturbing the caller's RNG stream. The pools and the config are recorded in
     ``model.powerclip_cfg`` so ``save_checkpoint``/``load_model`` can rebuild the model.
     """
-    if vision_pool not in VISION_POOLS:
+    native = (vision_pool, text_pool) == (NATIVE_POOL, NATIVE_POOL)
+    if not native and vision_pool not in VISION_POOLS:
         raise ValueError(f"vision_pool must be one of {sorted(VISION_POOLS)}, got {vision_pool!r}")
-    if text_pool not in TEXT_POOLS:
+    if not native and text_pool not in TEXT_POOLS:
         raise ValueError(f"text_pool must be one of {sorted(TEXT_POOLS)}, got {text_pool!r}")
     register_model_configs()
     install_pools()
     model_cfg = open_clip.get_model_config(model_name)
+    if (model_cfg or {}).get("text_cfg", {}).get("hf_model_name"):
+        from powerclip.methods.clippy import install_t5_text_tower  # open_clip's HF adapter lacks T5
+
+        install_t5_text_tower()
 
     def build() -> nn.Module:
         # released weights are read with weights_only=True: a pickle that would run code is refused
@@ -291,8 +306,9 @@ def create_model(
             torch.manual_seed(seed)
             model = build()
 
-    _check_vision_tower(model.visual)
-    _check_text_tower(model, model_cfg, text_pool)
+    if isinstance(model.visual, oc_transformer.VisionTransformer) and not native:  # set_pools checks the others
+        _check_vision_tower(model.visual)
+        _check_text_tower(model, model_cfg, text_pool)
     set_pools(model, vision_pool, text_pool)
     model.powerclip_cfg = {
         "model_name": model_name,
@@ -336,6 +352,10 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
     forward, so the pass goes through the DDP wrapper.
     """
     visual = model.visual
+    if not isinstance(visual, oc_transformer.VisionTransformer):
+        from powerclip.methods.clippy import timm_image_tokens  # clippy's published image tower
+
+        return timm_image_tokens(model, images)
     _check_vision_tower(visual)
     _check_all_patch_tokens(visual)
     x = visual._embeds(images)
@@ -472,7 +492,11 @@ def save_checkpoint(path: str | os.PathLike[str], model: nn.Module, **extra: Any
     from powerclip.shards import atomic_output
 
     path = Path(path)
-    payload = {"powerclip_cfg": copy.deepcopy(cfg), "state_dict": bare.state_dict(), **extra}
+    # Modules a training method adds for training only (CLIPS's captioner) stay out: the checkpoint is the
+    # two towers that load_model rebuilds (resume checkpoints, written elsewhere, keep them).
+    skip = tuple(f"{name}." for name in getattr(bare, "training_only_modules", ()))
+    state = {k: v for k, v in bare.state_dict().items() if not k.startswith(skip)}
+    payload = {"powerclip_cfg": copy.deepcopy(cfg), "state_dict": state, **extra}
     with atomic_output(path) as tmp, tmp.open("wb") as f:  # readers never see a partial file
         torch.save(payload, f)
         f.flush()

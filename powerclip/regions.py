@@ -196,26 +196,42 @@ def object_boxes(meta: dict | None) -> list[tuple[tuple[float, float, float, flo
         return None
 
 
-REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random", "oracle")
+def _random_segmenter(seed: int = 0, **options) -> RandomBoxSegmenter:
+    options.setdefault("seed", seed)
+    return RandomBoxSegmenter(**options)
+
+
+def _oracle_segmenter(seed: int = 0, **options) -> OracleSegmenter:
+    if options:
+        raise ValueError(f"the oracle region source has no options, got {sorted(options)}")
+    return OracleSegmenter()
+
+
+def _sam_segmenter(source: str):
+    def build(seed: int = 0, **options):
+        from powerclip.sam import build_sam_segmenter  # heavy, optional (segment-anything / sam2)
+
+        return build_sam_segmenter(source, **options)
+
+    return build
+
+
+# source name -> builder(seed=..., **its config block); unknown keys of a block are an error of the builder
+SEGMENTERS: dict[str, Callable[..., object]] = {
+    "sam": _sam_segmenter("sam"),
+    "sam2": _sam_segmenter("sam2"),
+    "felzenszwalb": lambda seed=0, **options: FelzenszwalbSegmenter(**options),
+    "random": _random_segmenter,
+    "oracle": _oracle_segmenter,
+}
+REGION_SOURCES = tuple(SEGMENTERS)
 
 
 def build_segmenter(source: str, options: dict | None = None, seed: int = 0):
     """The segmenter of a region source, from its config block (unknown keys are an error)."""
-    options = dict(options or {})
-    if source == "felzenszwalb":
-        return FelzenszwalbSegmenter(**options)
-    if source == "random":
-        options.setdefault("seed", seed)
-        return RandomBoxSegmenter(**options)
-    if source == "oracle":
-        if options:
-            raise ValueError(f"the oracle region source has no options, got {sorted(options)}")
-        return OracleSegmenter()
-    if source in ("sam", "sam2"):
-        from powerclip.sam import build_sam_segmenter
-
-        return build_sam_segmenter(source, **options)
-    raise ValueError(f"unknown region source {source!r}; choose from {REGION_SOURCES}")
+    if source not in SEGMENTERS:
+        raise ValueError(f"unknown region source {source!r}; choose from {REGION_SOURCES}")
+    return SEGMENTERS[source](seed=seed, **dict(options or {}))
 
 
 def segment_shard(

@@ -5,7 +5,10 @@ so the same config gives byte-identical shards on any machine. Each image holds 
 colours and distinct shapes, two sizes, at random non-overlapping positions. Captions name each object's
 size, colour and shape and the spatial relation between consecutive objects; every relation is phrased
 both ways with equal probability ("A to the left of B" / "B to the right of A"), so no single word
-predicts the layout. ``{key}.json`` carries the exact per-object masks (COCO uncompressed RLE) and boxes.
+predicts the layout. ``{key}.json`` carries the exact per-object masks (COCO uncompressed RLE) and boxes,
+and a short web-style caption (``web_caption``: some of the objects, no sizes, no relations) beside the
+full one, for methods that pair a web caption with a long synthetic one (CLIPS: powerclip.recaptions). It
+is drawn from its own random stream, so images and captions are the same with or without it.
 
 Colour-shape combinations listed in ``holdout_combos`` never appear in the ``train`` split; the
 ``heldout`` split puts at least one of them in every image (for systematic-generalisation tests).
@@ -38,6 +41,8 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "star")
 # Object side as a fraction of the image side.
 SIZES: dict[str, float] = {"small": 0.2, "large": 0.32}
 SPLITS = ("train", "heldout")
+# The fifth seed word of the web caption's random stream (the sample's own stream has four).
+WEB_CAPTION_STREAM = 1
 
 # Relation names stored in metadata, and their two phrasings: (subject-first, object-first inverse).
 RELATIONS = {
@@ -186,6 +191,15 @@ class ShapesGenerator:
     def rng(self, shard_index: int, sample_index: int, split: str) -> np.random.Generator:
         return np.random.default_rng([self.seed, SPLITS.index(split), shard_index, sample_index])
 
+    def web_caption(self, objects: Sequence[ShapeObject], shard_index: int, sample_index: int, split: str) -> str:
+        """A short alt-text-like caption: a random non-empty subset of the objects (all but at least one when
+        there are several), as "<colour> <shape>" in random order, no sizes, no relations. Its own random
+        stream (a fifth seed word), so the image and the full caption are unchanged by it."""
+        rng = np.random.default_rng([self.seed, SPLITS.index(split), shard_index, sample_index, WEB_CAPTION_STREAM])
+        count = int(rng.integers(1, max(2, len(objects))))
+        names = [f"{objects[i].color} {objects[i].shape}" for i in rng.permutation(len(objects))[:count]]
+        return names[0] if count == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
     def _pick_objects(self, rng: np.random.Generator, split: str) -> list[tuple[str, str, str]]:
         cfg = self.config
         n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
@@ -300,6 +314,7 @@ class ShapesGenerator:
                     for o in objects
                 ],
                 "relations": relations,
+                "web_caption": self.web_caption(objects, shard_index, sample_index, split),
             }
             return {"image": image, "caption": caption, "meta": meta}
         raise RuntimeError(f"could not place objects for shard {shard_index} sample {sample_index}; image too small?")

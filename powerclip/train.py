@@ -115,9 +115,10 @@ def shard_specs(args) -> list:
                 raw,
                 str(Path(args.phrases_dir) / name) if args.phrases_dir else None,
                 str(Path(args.regions_dir) / name) if args.regions_dir else None,
+                str(Path(args.recaptions_dir) / name) if args.recaptions_dir else None,
             )
         )
-    missing = [p for s in specs for p in (s.raw, s.phrases, s.regions) if p and not Path(p).exists()]
+    missing = [p for s in specs for p in (s.raw, s.phrases, s.regions, s.recaptions) if p and not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"training shards missing: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
     return specs
@@ -155,6 +156,7 @@ def train_one_epoch(
         data_s = time.perf_counter() - end
         lr = scheduler(state.step)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        getattr(method, "module", method).set_progress(state.step, state.total)  # DDP wraps the method
         with autocast:
             out = method(batch)
         optimizer.zero_grad(set_to_none=True)
@@ -235,6 +237,7 @@ def main(argv=None) -> dict:
         max_phrases=args.max_phrases,
         use_parse_phrases=args.use_parse_phrases,
         use_regions=method.uses_regions,
+        caption_views=getattr(method, "caption_views", None),  # clips: recaptions, sub-captions, targets
         shuffle_buffer=args.shuffle_buffer,
         seed=args.seed,
     )

@@ -70,6 +70,22 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("runs", "softplus_scoring", "--softplus-scoring", "NLA powerset scoring (false: singleton)"),
     Setting("runs", "softplus_tau", "--softplus-tau", "temperature of the softplus / log-sum-exp"),
     Setting("runs", "softplus_alpha", "--softplus-alpha", "weight of T2R against R2T"),
+    Setting("runs", "patch_dropout", "--patch-dropout", "flip: fraction of patch tokens dropped in training"),
+    Setting("runs", "pgs_min_mask_ratio", "--pgs-min-mask-ratio", "clip-pgs: minimum mask ratio"),
+    Setting("runs", "pgs_seed_ratio", "--pgs-seed-ratio", "clip-pgs: fraction of patches drawn as seeds"),
+    Setting("runs", "pgs_threshold", "--pgs-threshold", "clip-pgs: similarity threshold of cluster growth"),
+    Setting("runs", "pgs_edge", "--pgs-edge", "clip-pgs: Sobel edge prior (released, paper, none)"),
+    Setting("runs", "pgs_otn", "--pgs-otn", "clip-pgs: optimal-transport normalisation (released, paper, none)"),
+    Setting("runs", "pgs_attention", "--pgs-attention", "clip-pgs: attention term (released, paper, none)"),
+    Setting("runs", "clips_text_reduction", "--clips-text-reduction", "clips: how the text views are cut"),
+    Setting("runs", "clips_text_tokens", "--clips-text-tokens", "clips: token budget K of each text view"),
+    Setting("runs", "clips_caption_tokens", "--clips-caption-tokens", "clips: caption tokens the captioner predicts"),
+    Setting("runs", "clips_contrastive_weight", "--clips-contrastive-weight", "clips: weight of the contrastive term"),
+    Setting("runs", "clips_caption_weight", "--clips-caption-weight", "clips: weight of the caption loss"),
+    Setting("runs", "clippy_towers", "--clippy-towers", "clippy: scratch (the run's model) or published towers"),
+    Setting("runs", "clippy_image_tower", "--clippy-image-tower", "clippy, published: timm image tower and weights"),
+    Setting("runs", "clippy_text_tower", "--clippy-text-tower", "clippy, published: HF T5 text tower and weights"),
+    Setting("runs", "clippy_pretrained", "--clippy-pretrained", "clippy, published: start from pretrained weights"),
     Setting("train", "model", "--model", "open_clip model config name"),
     Setting("train", "batch_size", "--batch-size", "batch per rank (the config's is global)", _per_rank),
     Setting("train", "epochs", "--epochs", "epochs"),
@@ -130,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--train-data", required=True, help="brace pattern of raw (or combined-format) shards")
     data.add_argument("--phrases-dir", help="directory of the phrases sidecars (<shard>.tar); omit for combined shards")
     data.add_argument("--regions-dir", help="directory of the regions sidecars (<shard>.tar); omit for combined shards")
+    data.add_argument("--recaptions-dir", help="directory of the recaptions sidecars (<shard>.tar), for clips")
     data.add_argument("--shuffle-buffer", type=int, default=1000, help="samples in the shuffle buffer")
     out = p.add_argument_group("outputs")
     out.add_argument("--checkpoint", required=True, help="final checkpoint path (written atomically at the end)")
@@ -175,6 +192,7 @@ def build_argv(
     work_dir: str,
     phrases_dir: str | None = None,
     regions_dir: str | None = None,
+    recaptions_dir: str | None = None,
 ) -> list[str]:
     """The trainer's argv for one run-table row and the config's ``train:`` section (defaults filled in).
     Columns the row lacks (those its method does not read: :func:`run_identity`) take the schema's defaults."""
@@ -184,6 +202,8 @@ def build_argv(
         argv += ["--phrases-dir", phrases_dir]
     if regions_dir is not None:
         argv += ["--regions-dir", regions_dir]
+    if recaptions_dir is not None:
+        argv += ["--recaptions-dir", recaptions_dir]
     for setting in SETTINGS:
         value = values[setting.section][setting.key]
         if setting.to_cli is not None:

@@ -11,7 +11,17 @@ sys.path.insert(
 )  # powerclip.datasets, .settings, .train_params: importable in Snakemake's own env
 
 from powerclip.datasets import SHARD_NAME, shard_names
-from powerclip.settings import MODEL_CONFIG_DIR, check_config, read_run_table
+from powerclip.evaluation.released import check_entry
+from powerclip.evaluation.voc import VOC_DATASET
+from powerclip.methods import METHODS
+from powerclip.settings import (
+    MODEL_CONFIG_DIR,
+    RUN_NAME,
+    ConfigError,
+    check_config,
+    load_schema,
+    read_run_table,
+)
 from powerclip.train_params import run_identity
 
 # The schema fills in every default; then the cross-key checks (grid against the model, ...) and the run
@@ -20,7 +30,10 @@ validate(config, schema="../schemas/config.schema.yaml")
 check_config(config)
 
 DATASET = config["dataset"]
-REGION_SOURCES = ("sam", "sam2", "felzenszwalb", "random")
+# the region sources the schema allows (powerclip.regions.SEGMENTERS builds each)
+REGION_SOURCES = load_schema("config")["properties"]["segment"]["properties"][
+    "sources"
+]["items"]["enum"]
 
 
 def resolve_path(path):
@@ -119,6 +132,7 @@ def train_inputs(wildcards):
         inputs["regions"] = expand(
             f"results/{DATASET}/regions/{run['regions']}/{{shard}}.tar", shard=shards
         )
+    inputs.update(method_sidecar_inputs(run))
     return inputs
 
 
@@ -139,6 +153,9 @@ def sidecar_dir(kind):
 
     def folder(wildcards):
         run = get_run(wildcards)
+        # a sidecar a method names in the registry (MethodInfo.sidecars)
+        if kind in SIDECAR_FOLDERS:
+            return method_sidecar_dir(run, kind)
         if not uses_sidecars(run):
             return None
         if kind == "phrases":
@@ -206,6 +223,8 @@ def eval_root(wildcards):
         return spec["root"]
     if sugar_crepe_task(spec):
         return "resources/eval/sugar_crepe"
+    if spec["dataset"] == VOC_DATASET:  # PASCAL VOC 2012, fetched by fetch_voc
+        return f"resources/eval/{VOC_DATASET}"
     return f"resources/eval/wds/{wildcards.benchmark}"
 
 
@@ -220,3 +239,123 @@ def eval_inputs(wildcards):
             "annotations": f"resources/eval/sugar_crepe/{task}.json",
         }
     return {"root": eval_root(wildcards)}
+
+
+# ------------------------------------------------- sidecars a method names (MethodInfo.sidecars), recaptions
+
+# The folder of each kind of sidecar a method of the registry may read, per dataset.
+SIDECAR_FOLDERS = {"recaptions": "results/{dataset}/recaptions"}
+
+
+def method_sidecar_dir(run, kind):
+    """The folder of a `kind` sidecar for a run, or None when its method does not read it."""
+    if kind not in METHODS[run["method"]].sidecars:
+        return None
+    return SIDECAR_FOLDERS[kind].format(dataset=DATASET)
+
+
+def method_sidecar_inputs(run):
+    """The train job's inputs for the sidecars its method names: every shard's, and the recaptions' summary."""
+    inputs = {}
+    for kind in METHODS[run["method"]].sidecars:
+        folder = method_sidecar_dir(run, kind)
+        inputs[kind] = expand(f"{folder}/{{shard}}.tar", shard=get_shards(DATASET))
+    if "recaptions" in inputs:
+        inputs["recaptions_summary"] = f"results/{DATASET}/recaptions.summary.json"
+    return inputs
+
+
+def recaption_spec(dataset):
+    """`datasets.<dataset>.recaptions` (its defaults filled in by the schema)."""
+    spec = config["datasets"][dataset].get("recaptions")
+    if spec is None:
+        raise ConfigError(
+            f"config: datasets.{dataset} has no recaptions: key; add one (source: synthetic or table)"
+        )
+    return spec
+
+
+def recaption_table(dataset):
+    spec = recaption_spec(dataset)
+    if spec["source"] != "table":
+        raise ConfigError(
+            f"config: datasets.{dataset}.recaptions.source is {spec['source']!r}: it has no table to fetch"
+        )
+    return spec["table"]
+
+
+def recaption_inputs(wildcards):
+    """The raw shard, and for a table source the table's index."""
+    inputs = {"shard": f"resources/{wildcards.dataset}/shards/{wildcards.shard}.tar"}
+    if recaption_spec(wildcards.dataset)["source"] == "table":
+        inputs["index"] = f"resources/{wildcards.dataset}/recaptions/table.sqlite"
+    return inputs
+
+
+def recaption_summary_inputs(wildcards):
+    inputs = {
+        "stats": expand(
+            f"results/{wildcards.dataset}/recaptions/{{shard}}.stats.json",
+            shard=get_shards(wildcards.dataset),
+        )
+    }
+    if recaption_spec(wildcards.dataset)["source"] == "table":
+        inputs["table_stats"] = (
+            f"resources/{wildcards.dataset}/recaptions/table.stats.json"
+        )
+    return inputs
+
+
+def check_method_sidecars():
+    """Refuse, at parse time, a run whose method reads recaptions when the dataset has none configured."""
+    for name, run in RUNS.items():
+        if "recaptions" in METHODS[run["method"]].sidecars:
+            if "recaptions" not in config["datasets"][DATASET]:
+                raise ConfigError(
+                    f"run {name!r} (method {run['method']}) trains on synthetic captions, but "
+                    f"datasets.{DATASET} has no recaptions: key; add one (source: synthetic or table)"
+                )
+
+
+check_method_sidecars()
+
+
+# ------------------------------------------- released checkpoints, evaluated like runs (rules/released.smk)
+
+RELEASED = config["released"]
+# results/<kind>/<name>/...: a run of the table or a released checkpoint
+EVAL_KINDS = ("runs", "released")
+
+
+def check_released():
+    """Refuse, at parse time, a released entry the schema cannot judge (naming it and what to set)."""
+    for name, spec in RELEASED.items():
+        if not RUN_NAME.match(name):
+            raise ConfigError(
+                f"config: released.{name}: not a plain name (letters, digits, '_', '-', '.'); it names "
+                "resources/released/<name> and results/released/<name>"
+            )
+        try:
+            check_entry(name, spec)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+check_released()
+
+
+def eval_names():
+    """Wildcard constraint of `run` in the evaluation rules: the runs and the released entries."""
+    return "|".join(map(re.escape, sorted(set(RUNS) | set(RELEASED))))
+
+
+def eval_checkpoint(wildcards):
+    """What eval_benchmark evaluates: a run's checkpoint, or a released checkpoint's folder."""
+    table = RUNS if wildcards.kind == "runs" else RELEASED
+    if wildcards.run not in table:
+        raise ConfigError(
+            f"{wildcards.run!r} is not in the {'run table' if wildcards.kind == 'runs' else 'released: section'}"
+        )
+    if wildcards.kind == "runs":
+        return f"results/runs/{wildcards.run}/checkpoint.pt"
+    return f"resources/released/{wildcards.run}"

@@ -67,16 +67,21 @@ rule fetch_sugar_crepe_task:
         "../workflow_scripts/fetch_sugar_crepe_task.py"
 
 
+# One rule for both kinds of target: results/runs/<run>/ (a run's checkpoint) and results/released/<name>/
+# (a released checkpoint's folder, fetched by fetch_released).
 rule eval_benchmark:
     input:
         unpack(eval_inputs),
-        checkpoint="results/runs/{run}/checkpoint.pt",
+        checkpoint=eval_checkpoint,
     output:
-        result="results/runs/{run}/eval/{benchmark}.json",
+        result="results/{kind}/{run}/eval/{benchmark}.json",
     log:
-        "logs/eval_benchmark/{run}/{benchmark}.log",
+        "logs/eval_benchmark/{kind}/{run}/{benchmark}.log",
     benchmark:
-        "benchmarks/eval_benchmark/{run}/{benchmark}.tsv"
+        "benchmarks/eval_benchmark/{kind}/{run}/{benchmark}.tsv"
+    wildcard_constraints:
+        kind="|".join(EVAL_KINDS),
+        run=eval_names(),
     conda:
         "../envs/eval.yaml"
     threads: 1
@@ -95,14 +100,18 @@ rule eval_benchmark:
 rule aggregate_run_eval:
     input:
         results=lambda w: expand(
-            "results/runs/{run}/eval/{benchmark}.json",
+            "results/{kind}/{run}/eval/{benchmark}.json",
+            kind=w.kind,
             run=w.run,
             benchmark=config["evaluation"]["benchmarks"],
         ),
     output:
-        table="results/runs/{run}/eval.csv",
+        table="results/{kind}/{run}/eval.csv",
     log:
-        "logs/aggregate_run_eval/{run}.log",
+        "logs/aggregate_run_eval/{kind}/{run}.log",
+    wildcard_constraints:
+        kind="|".join(EVAL_KINDS),
+        run=eval_names(),
     conda:
         "../envs/eval.yaml"
     params:
@@ -114,7 +123,6 @@ rule aggregate_run_eval:
 rule aggregate_eval:
     input:
         tables=expand("results/runs/{run}/eval.csv", run=RUNS),
-        runs=resolve_path(config["runs"]),
     output:
         table=report(
             "results/eval.csv", caption="../report/eval.rst", category="Results"
@@ -133,5 +141,28 @@ rule aggregate_eval:
         "logs/aggregate_eval/aggregate_eval.log",
     conda:
         "../envs/eval.yaml"
+    params:
+        # the validated run table (defaults filled in) groups the seeds of a setting
+        runs=RUNS,
+        baseline=config["evaluation"]["baseline"],
     script:
         "../workflow_scripts/aggregate_eval.py"
+
+
+# PASCAL VOC 2012 (benchmarks with dataset voc2012): its val split, fetched where Snakemake runs.
+localrules:
+    fetch_voc,
+
+
+rule fetch_voc:
+    output:
+        root=directory(f"resources/eval/{VOC_DATASET}"),
+    log:
+        "logs/fetch_voc/voc2012.log",
+    conda:
+        "../envs/download.yaml"
+    params:
+        url=config["evaluation"]["voc"]["url"],
+        sha256=config["evaluation"]["voc"]["sha256"],
+    script:
+        "../workflow_scripts/fetch_voc.py"

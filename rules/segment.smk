@@ -1,5 +1,6 @@
 # One rule per kind of segmenter, so that the SLURM profile can give SAM/SAM2 a GPU and the classical
-# sources none. All three write the same sidecar format: results/<dataset>/regions/<source>/<shard>.tar.
+# sources none (segment_shard: felzenszwalb, random, and oracle, the exact objects of synthetic data). All
+# three write the same sidecar format: results/<dataset>/regions/<source>/<shard>.tar.
 
 
 rule segment_shard:
@@ -13,7 +14,7 @@ rule segment_shard:
     benchmark:
         "benchmarks/segment_shard/{dataset}/{source}/{shard}.tsv"
     wildcard_constraints:
-        source="felzenszwalb|random",
+        source="felzenszwalb|random|oracle",
     conda:
         "../envs/segment.yaml"
     threads: 1
@@ -72,3 +73,32 @@ rule segment_shard_sam2:
         segment=segment_options("sam2"),
     script:
         "../workflow_scripts/segment_shard.py"
+
+
+# How good each configured source's regions are (stage statistics, info.quality), at the run table's top-k.
+rule region_quality:
+    input:
+        unpack(
+            lambda w: {
+                source: expand(
+                    f"results/{w.dataset}/regions/{source}/{{shard}}.stats.json",
+                    shard=get_shards(w.dataset),
+                )
+                for source in config["segment"]["sources"]
+            }
+        ),
+    output:
+        table=report(
+            "results/{dataset}/regions/quality.csv",
+            caption="../report/region_quality.rst",
+            category="Regions",
+        ),
+    log:
+        "logs/region_quality/{dataset}.log",
+    conda:
+        "../envs/segment.yaml"
+    params:
+        sources=config["segment"]["sources"],
+        topk=sorted({run["topk"] for run in RUNS.values()}),
+    script:
+        "../workflow_scripts/region_quality.py"

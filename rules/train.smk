@@ -21,6 +21,7 @@ rule train:
         identity=train_identity,
         phrases_dir=sidecar_dir("phrases"),
         regions_dir=sidecar_dir("regions"),
+        recaptions_dir=sidecar_dir("recaptions"),
         work_dir="results/runs/{run}/work",
     script:
         "../workflow_scripts/train.py"

@@ -118,7 +118,13 @@ def test_paper_config_dry_run_through_the_slurm_profile(tmp_path):
             counts[parts[0]] = int(parts[1])
     assert counts["fetch_shard"] == counts["segment_shard_sam2"] == 2176
     # 26 clip-benchmark WebDatasets + SugarCrepe's 7 tasks (one JSON each, one shared COCO val2017 folder)
-    assert counts["train"] == 12 and counts["eval_benchmark"] == 12 * (26 + 7) and counts["fetch_eval_dataset"] == 26
+    # ... and PASCAL VOC 2012 segmentation (one val folder, fetched once)
+    # the run table: 12 PowerCLIP rows and ablations + flip, clip-pgs-0.3/0.5, clip-stock, clippy (both kinds), clips
+    assert counts["train"] == 19 and counts["fetch_eval_dataset"] == 26
+    # clips reads synthetic captions: one recaption table fetched and indexed once, joined per shard
+    assert counts["fetch_recaption_table"] == counts["index_recaption_table"] == 1
+    assert counts["recaption_shard"] == 2176 and counts["summarize_recaptions"] == 1
+    assert counts["eval_benchmark"] == counts["train"] * (26 + 7 + 1) and counts["fetch_voc"] == 1
     assert counts["fetch_sugar_crepe_task"] == 7 and counts["fetch_sugar_crepe_images"] == 1
     train = proc.stdout[proc.stdout.index("rule train:") :]
     assert "gpu=8" in train[: train.index("\n\n")]
@@ -281,7 +287,7 @@ def test_tiny_real_run_of_the_data_stages(tmp_path):
 
     assert {json.loads(p.read_text())["rule"] for p in imports.glob("*.json")} == {
         "fetch_shard", "parse_shard", "segment_shard", "train", "write_eval_suites", "eval_benchmark",
-        "aggregate_run_eval", "aggregate_eval", "plot_results", "draw_region_phrases",
+        "aggregate_run_eval", "aggregate_eval", "plot_results", "draw_region_phrases", "region_quality",
     }  # fmt: skip
     assert check_recorded(imports) == {}
     # nothing left to do on a second run

@@ -21,5 +21,6 @@ argv = build_argv(
     work_dir=snakemake.params.work_dir,
     phrases_dir=snakemake.params.phrases_dir,
     regions_dir=snakemake.params.regions_dir,
+    recaptions_dir=snakemake.params.recaptions_dir,
 )
 launch(argv, gpus=train["gpus"], log=log)

@@ -189,3 +189,44 @@ def fetch_sugar_crepe_task(
         out_json,
     )
     return stats.to_dict()
+
+
+# --------------------------------------------------------------------------------------------------------
+# PASCAL VOC 2012 segmentation (the zero-shot segmentation benchmark; powerclip.evaluation.voc reads it)
+# --------------------------------------------------------------------------------------------------------
+
+
+def fetch_voc(url: str, out_dir: str | os.PathLike, sha256: str | None = None, split: str | None = None, **fetch_options) -> dict:
+    """Download PASCAL VOC 2012's ``VOCtrainval_11-May-2012.tar`` and extract one segmentation split into
+    ``out_dir`` in VOC's own layout (``ImageSets/Segmentation/<split>.txt``, its ``JPEGImages/<id>.jpg`` and
+    ``SegmentationClass/<id>.png``; nothing else of the 2 GB archive).
+
+    The archive goes to a work folder beside ``out_dir`` (:func:`~powerclip.fetch.http.fetch_url`, checked
+    against ``sha256``) and is deleted once extracted (:func:`~powerclip.fetch.http.extract_tar`: every member
+    checked first, links and paths outside the folder refused, atomic rename). Returns the extraction summary
+    plus ``"url"``, ``"sha256"``, ``"split"`` and ``"images"``.
+    """
+    from powerclip.evaluation.voc import VOC_SPLIT, VOC_SUBDIR, voc_files
+    from powerclip.fetch.http import extract_tar
+
+    split = split or VOC_SPLIT
+    out_dir = Path(out_dir)
+    listing = PurePosixPath("ImageSets", "Segmentation", f"{split}.txt")
+    name = Path(urllib.parse.urlsplit(url).path).name or "voc.tar"
+    with scratch_dir(out_dir) as tmp:
+        digest = fetch_url(url, tmp / name, sha256, what="PASCAL VOC archive", **fetch_options)
+        try:
+            extract_tar(tmp / name, tmp / "lists", subdir=VOC_SUBDIR, select=lambda rel: rel == listing)
+        except ValueError as exc:
+            raise DownloadError(f"{url}: {exc}; no {VOC_SUBDIR}/{listing} in it? Check the VOC URL in the config") from exc
+        ids = {line.strip() for line in (tmp / "lists").joinpath(*listing.parts).read_text().splitlines() if line.strip()}
+        wanted = {listing} | {PurePosixPath("JPEGImages", f"{i}.jpg") for i in ids}
+        wanted |= {PurePosixPath("SegmentationClass", f"{i}.png") for i in ids}
+        summary = extract_tar(tmp / name, out_dir, subdir=VOC_SUBDIR, select=lambda rel: rel in wanted)
+    try:
+        images = len(voc_files(out_dir, split))
+    except (FileNotFoundError, ValueError) as exc:
+        shutil.rmtree(out_dir)
+        raise DownloadError(f"{url}: the {split} split is incomplete ({exc}); check the VOC URL in the config") from exc
+    log.info("%s: %s split, %d images and labels in %s", url, split, images, out_dir)
+    return {**summary, "url": url, "sha256": digest, "split": split, "images": images}

@@ -6,8 +6,8 @@ after a download) with one back-off policy; a wrong URL, a 404, a corrupt archiv
 fails at once, so a rerun is never spent on an error that cannot change. :func:`fetch_url` accepts only
 ``http``/``https`` URLs (``file:`` only when a caller opts in with ``schemes``), also after redirects, and
 writes its file atomically once the size and the optional sha256 match. Checkpoints
-(:func:`fetch_checkpoint`) and SugarCrepe's images use it; :func:`extract_zip` unpacks an archive without
-letting a member escape its folder.
+(:func:`fetch_checkpoint`) and SugarCrepe's images use it; :func:`extract_zip` and :func:`extract_tar` unpack an
+archive without letting a member escape its folder.
 """
 
 from __future__ import annotations
@@ -195,6 +195,22 @@ def _zip_member_path(name: str, archive: Path) -> PurePosixPath:
     return path
 
 
+def _write_member(tmp: Path, rel: PurePosixPath, is_dir: bool, open_member: Callable, errors, archive: Path, name: str) -> int | None:
+    """Write one archive member (already checked) under ``tmp``: a folder entry makes the folder (None), a file
+    is copied from ``open_member()`` (the bytes written); a read error in ``errors`` names the member."""
+    if not rel.parts or is_dir:
+        tmp.joinpath(*rel.parts).mkdir(parents=True, exist_ok=True)
+        return None
+    target = tmp.joinpath(*rel.parts)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open_member() as src, open(target, "wb") as dst:
+            shutil.copyfileobj(src, dst, CHUNK)
+    except errors as exc:
+        raise ValueError(f"{archive}: member {name!r} is corrupt ({exc}); fetch it again") from exc
+    return target.stat().st_size
+
+
 def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, subdir: str | None = None) -> dict:
     """Extract a zip file into ``out_dir`` safely and atomically.
 
@@ -221,16 +237,9 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, subdir: 
                         skipped += 1
                         continue
                     rel = PurePosixPath(*rel.parts[1:])
-                if not rel.parts or info.is_dir():
-                    tmp.joinpath(*rel.parts).mkdir(parents=True, exist_ok=True)
+                written = _write_member(tmp, rel, info.is_dir(), lambda i=info: zf.open(i), zipfile.BadZipFile, archive, info.filename)
+                if written is None:
                     continue
-                target = tmp.joinpath(*rel.parts)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    with zf.open(info) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, CHUNK)
-                except zipfile.BadZipFile as exc:
-                    raise ValueError(f"{archive}: member {info.filename!r} is corrupt ({exc}); fetch it again") from exc
                 files += 1
                 size += info.file_size
             if subdir is not None and files == 0:
@@ -239,4 +248,58 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, subdir: 
     if skipped:
         log.info("%s: %d members outside %s/ were not extracted", archive, skipped, subdir)
     log.info("%s -> %s: %d files, %d bytes", archive, out_dir, files, size)
+    return {"archive": str(archive), "members": len(members), "files": files, "bytes": size, "skipped": skipped}
+
+
+def extract_tar(
+    archive: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    subdir: str | None = None,
+    select: Callable[[PurePosixPath], bool] | None = None,
+) -> dict:
+    """Extract a tar file (plain or compressed) into ``out_dir`` safely and atomically, as :func:`extract_zip`.
+
+    Every member is checked before anything is written: an absolute name, a ``..`` part, a symbolic or hard
+    link, a device or a FIFO rejects the whole archive with a ValueError naming the member. With ``subdir`` (a
+    folder path such as ``VOCdevkit/VOC2012``) that folder becomes ``out_dir``; ``select`` (a path relative to
+    it -> bool) keeps only some files. Skipped members are counted. Returns ``{"archive", "members", "files",
+    "bytes", "skipped"}``.
+    """
+    import tarfile
+
+    archive, out_dir = Path(archive), Path(out_dir)
+    prefix = PurePosixPath(subdir).parts if subdir else ()
+    try:
+        tf = tarfile.open(archive, "r:*")
+        infos = tf.getmembers()
+    except (OSError, tarfile.TarError, EOFError) as exc:
+        raise ValueError(f"{archive}: not a readable tar file ({exc}); delete it and fetch it again") from exc
+    with tf:
+        members = []
+        for info in infos:
+            rel = _zip_member_path(info.name, archive)
+            if not (info.isfile() or info.isdir()):
+                raise ValueError(
+                    f"{archive}: member {info.name!r} is a {'link' if info.issym() or info.islnk() else 'special file'}; "
+                    "nothing was extracted. The archive is not what the config's URL should serve: check the URL"
+                )
+            members.append((info, rel))
+        files = size = skipped = 0
+        with atomic_output_dir(out_dir) as tmp:
+            for info, rel in members:
+                if rel.parts[: len(prefix)] != prefix or (select is not None and not select(PurePosixPath(*rel.parts[len(prefix) :]))):
+                    skipped += 1
+                    continue
+                rel = PurePosixPath(*rel.parts[len(prefix) :])
+                errors = (OSError, tarfile.TarError, EOFError)
+                written = _write_member(tmp, rel, info.isdir(), lambda i=info: tf.extractfile(i), errors, archive, info.name)
+                if written is None:
+                    continue
+                if written != info.size:
+                    raise ValueError(f"{archive}: member {info.name!r} is cut short; fetch it again")
+                files += 1
+                size += info.size
+            if files == 0:
+                raise ValueError(f"{archive}: no file selected under {subdir or '.'}/ ({len(members)} members)")
+    log.info("%s -> %s: %d files, %d bytes (%d members skipped)", archive, out_dir, files, size, skipped)
     return {"archive": str(archive), "members": len(members), "files": files, "bytes": size, "skipped": skipped}

@@ -24,6 +24,7 @@ class MethodInfo:
     uses_regions: bool  # reads the phrases and regions sidecars (needs a region source and lambda > 0)
     summary: str
     columns: tuple[str, ...] = ()  # run-table columns it reads beyond COMMON_COLUMNS: its identity
+    sidecars: tuple[str, ...] = ()  # further per-shard sidecars it reads (rules/common.smk: SIDECAR_FOLDERS)
 
     @property
     def identity_columns(self) -> tuple[str, ...]:
@@ -33,6 +34,9 @@ class MethodInfo:
 
 POWERCLIP_COLUMNS = ("sam_loss_ratio", "topk", "topk_random", "use_parse_phrases", "softplus_scoring",
                      "softplus_tau", "softplus_alpha")  # fmt: skip
+CLIPS_COLUMNS = ("clips_text_reduction", "clips_text_tokens", "clips_caption_tokens", "clips_contrastive_weight",
+                 "clips_caption_weight")  # fmt: skip
+PGS_COLUMNS = ("pgs_min_mask_ratio", "pgs_seed_ratio", "pgs_threshold", "pgs_edge", "pgs_otn", "pgs_attention")
 
 METHODS: dict[str, MethodInfo] = {
     info.name: info
@@ -44,6 +48,35 @@ METHODS: dict[str, MethodInfo] = {
             True,
             "CLIP + the powerset region-phrase alignment loss",
             POWERCLIP_COLUMNS,
+        ),
+        MethodInfo(
+            "flip",
+            "powerclip.methods.flip:FlipMethod",
+            False,
+            "CLIP on a random subset of the patch tokens in training (open_clip's patch dropout)",
+            ("patch_dropout",),
+        ),
+        MethodInfo(
+            "clip-pgs",
+            "powerclip.methods.clip_pgs:ClipPgsMethod",
+            False,
+            "CLIP on the patch tokens left by CLIP-PGS's cluster masking (patch generation-to-selection)",
+            PGS_COLUMNS,
+        ),
+        MethodInfo(
+            "clips",
+            "powerclip.methods.clips:ClipsMethod",
+            False,
+            "CLIP on sub-captions of synthetic captions + a captioner of the full synthetic caption (CLIPS)",
+            CLIPS_COLUMNS,
+            sidecars=("recaptions",),
+        ),
+        MethodInfo(
+            "clippy",
+            "powerclip.methods.clippy:ClippyMethod",
+            False,
+            "CLIP with CLIPpy's pooling (image max, text avg): the run's model, or DINO + Sentence-T5 towers",
+            ("clippy_towers", "clippy_image_tower", "clippy_text_tower", "clippy_pretrained"),
         ),
     )
 }

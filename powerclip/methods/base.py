@@ -35,5 +35,9 @@ class TrainingMethod(nn.Module):
         """The method configured from the trainer's arguments (powerclip.train_params)."""
         raise NotImplementedError
 
+    def set_progress(self, step: int, total: int) -> None:
+        """Called by the loop before each step (``step`` steps done of ``total``); a method whose forward
+        depends on training progress (clip-pgs) overrides it. No-op by default."""
+
     def forward(self, batch: dict) -> dict[str, Tensor]:
         raise NotImplementedError
