@@ -46,10 +46,13 @@ data=(--train-data '.gpu-data/resources/shapes/shards/{00000,00001}.tar'
 for run in clip:0 powerclip:0.1; do
     name=${run%%:*}
     step "trainer_$name" 90 torchrun --standalone --nnodes=1 --nproc-per-node=1 -m powerclip.train "${data[@]}" \
-        --sam-loss-ratio "${run#*:}" --checkpoint "/tmp/$name/checkpoint.pt" \
+        --method "$name" --sam-loss-ratio "${run#*:}" --checkpoint "/tmp/$name/checkpoint.pt" \
         --metrics "$out/metrics_$name.csv" --work-dir "/tmp/$name/work"
 done
 
-# 3. SAM ViT-H and SAM 2.1 Hiera-L automatic masks (random weights), default thresholds, then all masks kept.
-step sam_default 150 python3 bench/bench_sam.py --device cuda --images 8 --points-per-batch 64 256
-step sam_keep_all 100 python3 bench/bench_sam.py --device cuda --images 4 --points-per-batch 256 --keep-all
+# 3. Step time of every seed-0 method of the run table relative to clip (ViT-B-16, batch 256, bf16).
+step methods 150 python3 bench/bench_methods.py --device cuda --model ViT-B-16 --batch-size 256 --root .gpu-data \
+    --shards 2 --threads 8 --steps 10 --repeats 2
+
+# 4. SAM ViT-H and SAM 2.1 Hiera-L: the stock generator against the boxes-only path (same images and weights).
+step sam 330 bash bench/gpu_sam.sh "$out/sam"
