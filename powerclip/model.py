@@ -173,10 +173,8 @@ def install_text_avg_pool() -> None:
 # ------------------------------------------------------------------------------------- model building
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The bare open_clip model inside DDP / DataParallel / torch.compile / a training method."""
-    from powerclip.methods.base import TrainingMethod
-
     while True:
-        if isinstance(model, TrainingMethod):
+        if getattr(model, "wraps_model", False):  # a training method (powerclip.methods.base.TrainingMethod)
             model = model.model
         elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
@@ -250,7 +248,7 @@ def set_pools(model: nn.Module, vision_pool: str = "avg", text_pool: str = "avg"
         raise ValueError(f"text_pool must be one of {sorted(TEXT_POOLS)}, got {text_pool!r}")
     model = unwrap_model(model)
     if not isinstance(model.visual, oc_transformer.VisionTransformer):
-        from powerclip.methods.clippy import set_tower_pools  # a timm ViT + HF text tower (clippy's published)
+        from powerclip.towers import set_tower_pools  # a timm ViT + HF text tower (clippy's published)
 
         return set_tower_pools(model, vision_pool, text_pool)
     install_pools()
@@ -289,7 +287,7 @@ def create_model(
     install_pools()
     model_cfg = open_clip.get_model_config(model_name)
     if (model_cfg or {}).get("text_cfg", {}).get("hf_model_name"):
-        from powerclip.methods.clippy import install_t5_text_tower  # open_clip's HF adapter lacks T5
+        from powerclip.towers import install_t5_text_tower  # open_clip's HF adapter lacks T5
 
         install_t5_text_tower()
 
@@ -353,7 +351,7 @@ def encode_image_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.T
     """
     visual = model.visual
     if not isinstance(visual, oc_transformer.VisionTransformer):
-        from powerclip.methods.clippy import timm_image_tokens  # clippy's published image tower
+        from powerclip.towers import timm_image_tokens  # clippy's published image tower
 
         return timm_image_tokens(model, images)
     _check_vision_tower(visual)

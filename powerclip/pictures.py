@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from powerclip.csr import decode_njson, decode_regions
 from powerclip.data import ShardSpec, joined_samples
 from powerclip.model import encode_image_tokens, encode_text_tokens, gather_mean, load_model
-from powerclip.regions import PatchGrid
+from powerclip.grid import PatchGrid
 from powerclip.shards import StageStats, atomic_output, decode_image, image_field
 
 log = logging.getLogger(__name__)

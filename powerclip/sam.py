@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from powerclip.regions import Region
+from powerclip.grid import Region
 from powerclip.sam_boxes import BoxesGenerator, Sam2Adapter, SamAdapter, boxes_to_regions
 
 if TYPE_CHECKING:  # pragma: no cover

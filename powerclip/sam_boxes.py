@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from powerclip.regions import Region
+from powerclip.grid import Region
 
 
 @dataclass

@@ -258,3 +258,21 @@ def test_region_quality_by_rank_and_the_table(tmp_path):
     stats.write_text(json.dumps({"shard": "00000", "samples_in": 3}))
     with pytest.raises(ValueError, match="shard '00000'.*no info.quality"):
         write_quality_table({"web": [stats]}, [5], tmp_path / "quality.csv")
+
+
+def test_each_source_is_built_through_the_registry_with_its_config_block():
+    from powerclip.regions import SEGMENTERS, OracleSegmenter, build_segmenter
+
+    assert set(SEGMENTERS) == {"sam", "sam2", "felzenszwalb", "random", "oracle"}
+    assert isinstance(build_segmenter("felzenszwalb", {"scale": 500, "sigma": 0.5, "min_size": 30}), FelzenszwalbSegmenter)
+    # the stage's seed is the default; the block's own seed (the demo config sets one) wins
+    assert build_segmenter("random", {"max_regions": 5}, seed=3).seed == 3
+    random = build_segmenter("random", {"seed": 7, "max_regions": 5}, seed=3)
+    assert isinstance(random, RandomBoxSegmenter) and (random.seed, random.max_regions) == (7, 5)
+    assert isinstance(build_segmenter("oracle"), OracleSegmenter)
+    with pytest.raises(ValueError, match="oracle region source has no options"):
+        build_segmenter("oracle", {"scale": 1})
+    with pytest.raises(TypeError):
+        build_segmenter("felzenszwalb", {"scael": 500})
+    with pytest.raises(ValueError, match="unknown region source 'slic'"):
+        build_segmenter("slic")

@@ -24,8 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
-import re
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -36,6 +34,7 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from torch import nn
 
 from powerclip.evaluation.released import is_released, load_released, read_descriptor
+from powerclip.safe_load import UnsafeCheckpointError, read_checkpoint  # noqa: F401  (re-exported)
 from powerclip.model import (
     install_pools,
     load_model,
@@ -52,37 +51,11 @@ SCHEMA_PREFIXES = ("hf-hub:", "local-dir:")
 _LOCK = threading.Lock()
 
 
-class UnsafeCheckpointError(ValueError):
-    """A checkpoint that ``torch.load(weights_only=True)`` refuses: unpickling it could run code."""
-
-
 def eval_transform(model: nn.Module) -> Callable[[Any], torch.Tensor]:
     """open_clip's evaluation transform for the model's own preprocessing config (size, mean, std, ...)."""
     visual = unwrap_model(model).visual
     cfg = getattr(visual, "preprocess_cfg", None) or {"size": visual.image_size}
     return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU, memory-mapped where possible (large released weights).
-
-    Raises :class:`UnsafeCheckpointError` naming the file when it holds anything but tensors, containers
-    and plain values (a pickled object whose loading would call arbitrary code).
-    """
-    try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            # legacy (non-zip) serialisation cannot be memory-mapped
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"WeightsUnpickler error: ([^.]*)", str(exc))
-        raise UnsafeCheckpointError(
-            f"{path}: refused to load: it holds pickled objects other than tensors and plain containers "
-            f"({found.group(1) if found else exc.__class__.__name__}), and unpickling them could run code. "
-            "Evaluate only checkpoints written by powerclip.model.save_checkpoint, or released weights saved as a "
-            "plain state_dict or .safetensors."
-        ) from exc
 
 
 def is_powerclip_checkpoint(obj: Any) -> bool:

@@ -43,7 +43,7 @@ from powerclip.evaluation.metrics import (
     segmentation_metrics,
     selection_metrics,
 )
-from powerclip.regions import PatchGrid
+from powerclip.grid import PatchGrid
 
 log = logging.getLogger(__name__)
 

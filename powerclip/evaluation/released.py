@@ -142,7 +142,7 @@ def _local(folder: Path, relative: str) -> str:
 
 
 def _load_openclip(folder: Path, d: Mapping[str, Any]):
-    from powerclip.evaluation.loader import read_checkpoint
+    from powerclip.safe_load import read_checkpoint
     from powerclip.model import load_openclip_checkpoint
 
     weights = _local(folder, d["weights"])
@@ -171,8 +171,9 @@ def clippy_state_dict(state_dict: Mapping[str, Any]) -> dict:
 def _load_clippy(folder: Path, d: Mapping[str, Any]):
     import timm
 
-    from powerclip.evaluation.loader import read_checkpoint
-    from powerclip.methods.clippy import CLIPPY_POOLS, install_t5_text_tower, published_config, register_published_config
+    from powerclip.safe_load import read_checkpoint
+    from powerclip.methods.clippy import published_config, register_published_config
+    from powerclip.towers import CLIPPY_POOLS, install_t5_text_tower
     from powerclip.model import create_model
 
     checkpoint = read_checkpoint(_local(folder, d["weights"]))

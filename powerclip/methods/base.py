@@ -18,6 +18,8 @@ class TrainingMethod(nn.Module):
     # scalars of forward()'s output written to the metrics CSV, besides loss and logit_scale
     metric_names: tuple[str, ...] = ()
 
+    wraps_model = True  # powerclip.model.unwrap_model looks through it to ``self.model``
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
