@@ -84,6 +84,10 @@ class DataConfig:
     use_parse_phrases: bool = True  # False: every content token is its own phrase
     use_regions: bool = True  # False (plain CLIP): regions and phrases are not read at all
     caption_views: CaptionViews | None = None  # CLIPS: recaptions sidecar, sub-captions, captioner targets
+    # True: images leave the workers as uint8 (C, H, W), a quarter of the bytes across the process boundary,
+    # and the trainer normalises them on its device (normalize_images; the same values as open_clip's
+    # ToTensor + Normalize). False: float tensors, normalised here.
+    uint8_images: bool = False
     shuffle_buffer: int = 1000
     shuffle_initial: int = 100
     seed: int = 0
@@ -211,6 +215,27 @@ def text_views(text: str, cfg: CaptionViews, tokenizer, rng: np.random.Generator
     return out
 
 
+def uint8_transform(transform):
+    """open_clip's evaluation transform without its last two steps (``ToTensor``, ``Normalize``): the same
+    resized, centre-cropped RGB image as a uint8 (C, H, W) tensor; :func:`normalize_images` does the rest."""
+    from torchvision import transforms as T
+
+    *head, to_tensor, normalize = transform.transforms
+    if not (isinstance(to_tensor, T.ToTensor) and isinstance(normalize, T.Normalize)):
+        raise TypeError(f"expected a transform ending in ToTensor, Normalize, got {transform}")
+    return T.Compose([*head, T.PILToTensor()])
+
+
+def normalize_images(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised with open_clip's mean and std, on the images' device: the
+    same arithmetic as ``ToTensor`` (divide by 255) then ``Normalize`` (subtract the mean, divide by the std)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    mean = torch.tensor(mean or OPENAI_DATASET_MEAN, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(std or OPENAI_DATASET_STD, device=images.device).view(1, -1, 1, 1)
+    return images.float().div(255).sub_(mean).div_(std)
+
+
 class SampleProcessor:
     """Decoded, transformed, tokenised sample from a joined raw sample."""
 
@@ -221,6 +246,8 @@ class SampleProcessor:
         self.cfg = cfg
         self.epoch = epoch
         self.transform = image_transform(cfg.image_size, is_train=False)
+        if cfg.uint8_images:
+            self.transform = uint8_transform(self.transform)
         self.tokenizer = open_clip.get_tokenizer("ViT-B-16", context_length=cfg.context_length)
 
     def __call__(self, sample: dict) -> dict:
@@ -402,12 +429,25 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def make_loader(
-    specs: Sequence[ShardSpec], cfg: DataConfig, batch_size: int, epoch: int = 0, rank: int = 0, workers: int = 0
+    specs: Sequence[ShardSpec],
+    cfg: DataConfig,
+    batch_size: int,
+    epoch: int = 0,
+    rank: int = 0,
+    workers: int = 0,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
-    """Endless batches for one rank; with several workers, batches alternate between them in order."""
+    """Endless batches for one rank; with several workers, batches alternate between them in order, each
+    worker keeping 4 batches ready. ``pin_memory`` (for a CUDA trainer) lets the host-to-device copy of a
+    batch overlap the step (``.to(device, non_blocking=True)``)."""
     stream = ShardStream(specs, cfg, batch_size, epoch, rank)
     return torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=workers, persistent_workers=False, prefetch_factor=4 if workers else None
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        pin_memory=pin_memory,
     )
 
 

@@ -146,6 +146,7 @@ def train_one_epoch(
 ) -> None:
     """Step through the rest of the current epoch; ``on_step(state, epoch, lr, out, data_s, batch_s)``
     after each step (metrics, progress, resumable checkpoints)."""
+    from powerclip.data import normalize_images
     from powerclip.model import unwrap_model
 
     model = unwrap_model(method)
@@ -156,6 +157,8 @@ def train_one_epoch(
         data_s = time.perf_counter() - end
         lr = scheduler(state.step)
         batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if batch["image"].dtype == torch.uint8:  # DataConfig.uint8_images: normalised here, on the device
+            batch["image"] = normalize_images(batch["image"])
         getattr(method, "module", method).set_progress(state.step, state.total)  # DDP wraps the method
         with autocast:
             out = method(batch)
@@ -207,8 +210,9 @@ def main(argv=None) -> dict:
         model.set_grad_checkpointing(True)
     method = method_cls.from_args(model, args, rank=rank, world_size=world_size)
     optimizer = torch.optim.AdamW(
-        param_groups(model, args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps
-    )
+        param_groups(model, args.wd), lr=args.lr, betas=(args.beta1, args.beta2), eps=args.eps,
+        fused=True if device.startswith("cuda") else None,  # one kernel for all parameters on a GPU
+    )  # fmt: skip
     global_batch = args.batch_size * world_size
     per_epoch = args.samples_per_epoch // global_batch
     if per_epoch < 1:
@@ -238,6 +242,7 @@ def main(argv=None) -> dict:
         use_parse_phrases=args.use_parse_phrases,
         use_regions=method.uses_regions,
         caption_views=getattr(method, "caption_views", None),  # clips: recaptions, sub-captions, targets
+        uint8_images=True,  # normalised on the device by train_one_epoch
         shuffle_buffer=args.shuffle_buffer,
         seed=args.seed,
     )
@@ -281,7 +286,10 @@ def main(argv=None) -> dict:
     method.train()
     while state.step < state.total:
         epoch = state.step // per_epoch
-        loader = iter(make_loader(specs, data_cfg, args.batch_size, epoch=epoch, rank=rank, workers=args.workers))
+        loader = iter(
+            make_loader(specs, data_cfg, args.batch_size, epoch=epoch, rank=rank, workers=args.workers,
+                        pin_memory=device.startswith("cuda"))
+        )  # fmt: skip
         for _ in range(state.step - epoch * per_epoch):  # resume mid-epoch: skip what was consumed
             next(loader)
         train_one_epoch(train_method, loader, optimizer, scheduler, state, device, autocast, on_step)

@@ -1,3 +1,4 @@
+import io
 import numpy as np
 import pytest
 import torch
@@ -136,3 +137,21 @@ def test_stream_is_deterministic_per_epoch(raw, tmp_path):
     batch = next(iter(make_loader(specs, cfg, batch_size=4)))
     assert batch["image"].shape == (4, 3, 64, 64) and batch["text"].shape == (4, 77)
     assert batch["region_mask"].all()
+
+
+def test_uint8_images_normalised_on_the_device_equal_the_float_path(tmp_path):
+    """DataConfig.uint8_images: the workers hand over uint8 crops, normalize_images gives exactly the tensors
+    of open_clip's ToTensor + Normalize (the trainer's results do not change)."""
+    from PIL import Image
+
+    from powerclip.data import DataConfig, SampleProcessor, normalize_images
+
+    rng = np.random.default_rng(0)
+    photo = Image.fromarray(rng.integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    photo.save(buf, format="PNG")
+    sample = {"__key__": "k", "png": buf.getvalue(), "txt": b"a red circle"}
+    floats = SampleProcessor(DataConfig(image_size=32, use_regions=False))(dict(sample))["image"]
+    uint8 = SampleProcessor(DataConfig(image_size=32, use_regions=False, uint8_images=True))(dict(sample))["image"]
+    assert uint8.dtype == torch.uint8 and uint8.shape == (3, 32, 32)
+    assert torch.equal(normalize_images(uint8[None])[0], floats)

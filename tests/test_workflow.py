@@ -130,13 +130,17 @@ def test_paper_config_dry_run_through_the_slurm_profile(tmp_path):
     assert "gpu=8" in train[: train.index("\n\n")]
 
 
-def test_one_ablation_target_trains_and_evaluates_only_that_run(tmp_path):
-    proc = dry_run(tmp_path, "results/runs/powerclip-s1/eval.csv")
+@pytest.mark.parametrize(
+    "run_name, extra",
+    [("flip", []), ("powerclip-oracle-s1", ["--config", "runs=config/runs_study.tsv"])],  # demo table, study table
+)
+def test_one_ablation_target_trains_and_evaluates_only_that_run(tmp_path, run_name, extra):
+    proc = dry_run(tmp_path, f"results/runs/{run_name}/eval.csv", *extra)
     counts = {p[0]: int(p[1]) for p in (line.split() for line in proc.stdout.splitlines()) if len(p) == 2 and p[1].isdigit()}
     benchmarks = yaml.safe_load((REPO / "config" / "config.yaml").read_text())["evaluation"]["benchmarks"]
     assert counts["train"] == 1 and counts["eval_benchmark"] == len(benchmarks) and counts["aggregate_run_eval"] == 1
     assert "aggregate_eval" not in counts
-    assert "wildcards: run=powerclip-s1" in proc.stdout and "run=clip" not in proc.stdout
+    assert f"wildcards: run={run_name}" in proc.stdout and "run=clip" not in proc.stdout
 
 
 @pytest.mark.slow
@@ -181,7 +185,7 @@ def test_invalid_config_fails_at_parse_time(tmp_path):
         (lambda cfg, runs: cfg.update(trian={"epochs": 1}), "Additional properties are not allowed ('trian' was unexpected)"),
         (lambda cfg, runs: cfg["grid"].update(patch_size=16), "does not match train.model 'PowerCLIP-Tiny-64-8' (image_size 64, patch_size 8)"),
         (lambda cfg, runs: runs.write_text(runs.read_text().splitlines()[0] + "\n"), "the run table has only its header"),
-        (lambda cfg, runs: runs.write_text(runs.read_text().replace("powerclip-s1\t", "..\t")), "row 4 (line 5): run name '..' is not a plain name"),
+        (lambda cfg, runs: runs.write_text(runs.read_text().replace("clip-pgs-0.5\t", "..\t")), "row 4 (line 5): run name '..' is not a plain name"),
     ],
 )
 def test_bad_configuration_is_refused_before_any_job(tmp_path, change, message):
