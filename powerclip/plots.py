@@ -26,14 +26,17 @@ def mean_interval(seeds: pd.DataFrame, confidence: float = 0.95) -> pd.Series:
     return pd.Series(t * seeds["sd"] / n.pow(0.5), index=seeds.index)
 
 
-def _grouped_bars(ax, rows: pd.DataFrame, benchmarks: list[str], settings: list[str], value: str, low, high) -> None:
-    """One group per benchmark, one bar per setting, each with its interval [low, high] as an error bar."""
+def _grouped_bars(
+    ax, rows: pd.DataFrame, benchmarks: list[str], settings: list[str], value: str, low, high, colors: dict[str, str]
+) -> None:
+    """One group per benchmark, one bar per setting (in ``colors[setting]``), each with its interval [low, high]
+    as an error bar."""
     width = 0.8 / max(len(settings), 1)
     for i, setting in enumerate(settings):
         mine = rows[rows["setting"] == setting].set_index("benchmark").reindex(benchmarks)
         xs = [b + (i - (len(settings) - 1) / 2) * width for b in range(len(benchmarks))]
         errors = [(mine[value] - low(mine)).clip(lower=0).fillna(0), (high(mine) - mine[value]).clip(lower=0).fillna(0)]
-        ax.bar(xs, mine[value], width, yerr=errors, capsize=3, label=setting)
+        ax.bar(xs, mine[value], width, yerr=errors, capsize=3, label=setting, color=colors[setting])
     ax.set_xticks(range(len(benchmarks)), benchmarks, rotation=30, ha="right")
     ax.legend(fontsize="small")
 
@@ -45,20 +48,23 @@ def eval_bars(seeds: pd.DataFrame, out_png) -> None:
     plt = _pyplot()
     benchmarks = sorted(seeds["benchmark"].unique())
     settings = list(dict.fromkeys(seeds["setting"]))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = {setting: cycle[i % len(cycle)] for i, setting in enumerate(settings)}  # the same in both panels
     half = mean_interval(seeds)
     paired = seeds[seeds["diff_mean"].notna()] if "diff_mean" in seeds else seeds.iloc[:0]
     panels = 2 if len(paired) else 1
     fig, axes = plt.subplots(panels, 1, figsize=(max(6, 1.2 * len(benchmarks)), 4 * panels), squeeze=False)
     top = axes[0][0]
     _grouped_bars(top, seeds.assign(half=half), benchmarks, settings, "mean", lambda r: r["mean"] - r["half"],
-                  lambda r: r["mean"] + r["half"])  # fmt: skip
+                  lambda r: r["mean"] + r["half"], colors)  # fmt: skip
     top.set_ylabel("headline metric (mean over seeds, 95 % CI)")
     top.set_ylim(0, 1)
     top.axhline(0.5, color="grey", lw=0.8, ls=":")
     if panels == 2:
         bottom = axes[1][0]
         others = list(dict.fromkeys(paired["setting"]))
-        _grouped_bars(bottom, paired, benchmarks, others, "diff_mean", lambda r: r["diff_ci_low"], lambda r: r["diff_ci_high"])
+        _grouped_bars(bottom, paired, benchmarks, others, "diff_mean", lambda r: r["diff_ci_low"],
+                      lambda r: r["diff_ci_high"], colors)  # fmt: skip
         bottom.axhline(0.0, color="black", lw=0.8)
         bottom.set_ylabel(f"minus {paired['baseline'].iloc[0]}, paired by seed (95 % CI)")
     fig.tight_layout()
