@@ -23,6 +23,7 @@ the full synthetic caption as the captioner's targets; seeded by (seed, epoch, k
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -109,6 +110,7 @@ def joined_samples(spec: ShardSpec, with_regions: bool = True, with_recaptions: 
         wanted.append((spec.recaptions, {SYN, WEB}))
     raw = iter_samples(spec.raw, fields=needed)
     sidecars = [(path, iter_samples(path, fields=fields)) for path, fields in wanted if path is not None]
+    required = (("njson", "samlens.npy", "samcat.npy") if with_regions else ()) + ((SYN,) if with_recaptions else ())
     for sample in raw:
         key = sample["__key__"]
         for path, stream in sidecars:
@@ -120,7 +122,6 @@ def joined_samples(spec: ShardSpec, with_regions: bool = True, with_recaptions: 
                     "rebuild the sidecar (delete it and rerun the workflow)"
                 )
             sample.update({k: v for k, v in other.items() if k != "__key__"})
-        required = (("njson", "samlens.npy", "samcat.npy") if with_regions else ()) + ((SYN,) if with_recaptions else ())
         for field in required:
             if field not in sample:
                 raise MissingSidecarError(f"{spec.raw}: sample {key!r} has no {field!r} (no sidecar given)")
@@ -226,13 +227,19 @@ def uint8_transform(transform):
     return T.Compose([*head, T.PILToTensor()])
 
 
-def normalize_images(images: torch.Tensor, mean=None, std=None) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float32 normalised with open_clip's mean and std, on the images' device: the
-    same arithmetic as ``ToTensor`` (divide by 255) then ``Normalize`` (subtract the mean, divide by the std)."""
+@functools.lru_cache(maxsize=None)
+def _normalization(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip's mean and std (the defaults of its image transform) as (1, C, 1, 1) tensors on ``device``,
+    made once per device rather than at every step."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-    mean = torch.tensor(mean or OPENAI_DATASET_MEAN, device=images.device).view(1, -1, 1, 1)
-    std = torch.tensor(std or OPENAI_DATASET_STD, device=images.device).view(1, -1, 1, 1)
+    return tuple(torch.tensor(v, device=device).view(1, -1, 1, 1) for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+
+
+def normalize_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) -> float32 normalised with open_clip's mean and std, on the images' device: the
+    same arithmetic as ``ToTensor`` (divide by 255) then ``Normalize`` (subtract the mean, divide by the std)."""
+    mean, std = _normalization(images.device)
     return images.float().div(255).sub_(mean).div_(std)
 
 

@@ -5,6 +5,7 @@ sidecar of a shard: each source's regions mapped onto the patch grid (``powercli
 
 from __future__ import annotations
 
+import functools
 import logging
 import zlib
 from collections.abc import Callable, Sequence
@@ -135,19 +136,16 @@ def _oracle_segmenter(options: dict, seed: int) -> OracleSegmenter:
     return OracleSegmenter()
 
 
-def _sam_segmenter(source: str):
-    def build(options: dict, seed: int):
-        from powerclip.sam import build_sam_segmenter  # heavy, optional (segment-anything / sam2)
+def _sam_segmenter(source: str, options: dict, seed: int):
+    from powerclip.sam import build_sam_segmenter  # heavy, optional (segment-anything / sam2)
 
-        return build_sam_segmenter(source, **options)
-
-    return build
+    return build_sam_segmenter(source, **options)
 
 
 # source name -> builder(its config block, the stage's seed); unknown keys of a block are an error
 SEGMENTERS: dict[str, Callable[[dict, int], object]] = {
-    "sam": _sam_segmenter("sam"),
-    "sam2": _sam_segmenter("sam2"),
+    "sam": functools.partial(_sam_segmenter, "sam"),
+    "sam2": functools.partial(_sam_segmenter, "sam2"),
     "felzenszwalb": lambda options, seed: FelzenszwalbSegmenter(**options),
     "random": _random_segmenter,
     "oracle": _oracle_segmenter,

@@ -1,6 +1,6 @@
 """SAM and SAM 2 as region sources: automatic mask generation -> :class:`~powerclip.regions.Region` lists.
 
-Two sources, both callables ``PIL.Image -> list[Region]`` (a :data:`~powerclip.regions.Segmenter`):
+Two sources, both callables ``PIL.Image -> list[Region]`` (a :data:`~powerclip.grid.Segmenter`):
 
 * ``"sam"`` -- :class:`SamSegmenter`, Segment Anything (``segment_anything``, Kirillov et al. 2023):
   ``sam_model_registry[model_type]`` + ``SamAutomaticMaskGenerator``. The paper's setting is ViT-H with the

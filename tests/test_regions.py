@@ -263,7 +263,11 @@ def test_region_quality_by_rank_and_the_table(tmp_path):
 def test_each_source_is_built_through_the_registry_with_its_config_block():
     from powerclip.regions import SEGMENTERS, OracleSegmenter, build_segmenter
 
+    from powerclip.settings import load_schema
+
     assert set(SEGMENTERS) == {"sam", "sam2", "felzenszwalb", "random", "oracle"}
+    # the sources the config schema (and so the workflow's wildcards) allow are exactly the registry's
+    assert load_schema("config")["properties"]["segment"]["properties"]["sources"]["items"]["enum"] == list(SEGMENTERS)
     assert isinstance(build_segmenter("felzenszwalb", {"scale": 500, "sigma": 0.5, "min_size": 30}), FelzenszwalbSegmenter)
     # the stage's seed is the default; the block's own seed (the demo config sets one) wins
     assert build_segmenter("random", {"max_regions": 5}, seed=3).seed == 3

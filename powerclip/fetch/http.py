@@ -184,7 +184,7 @@ def fetch_checkpoint(url: str, out_path: str | os.PathLike, sha256: str | None =
     return fetch_url(url, out_path, sha256, what="checkpoint", **options)
 
 
-def _zip_member_path(name: str, archive: Path) -> PurePosixPath:
+def _member_path(name: str, archive: Path) -> PurePosixPath:
     """A member name as a relative path; absolute names and ``..`` parts (zip slip) are rejected."""
     path = PurePosixPath(name.replace("\\", "/"))
     if path.is_absolute() or ".." in path.parts or (path.parts and path.parts[0].endswith(":")):
@@ -228,7 +228,7 @@ def extract_zip(archive: str | os.PathLike, out_dir: str | os.PathLike, subdir: 
     except (OSError, zipfile.BadZipFile) as exc:
         raise ValueError(f"{archive}: not a readable zip file ({exc}); delete it and fetch it again") from exc
     with zf:
-        members = [(info, _zip_member_path(info.filename, archive)) for info in zf.infolist()]
+        members = [(info, _member_path(info.filename, archive)) for info in zf.infolist()]
         files = size = skipped = 0
         with atomic_output_dir(out_dir) as tmp:
             for info, rel in members:
@@ -274,10 +274,11 @@ def extract_tar(
         infos = tf.getmembers()
     except (OSError, tarfile.TarError, EOFError) as exc:
         raise ValueError(f"{archive}: not a readable tar file ({exc}); delete it and fetch it again") from exc
+    errors = (OSError, tarfile.TarError, EOFError)
     with tf:
         members = []
         for info in infos:
-            rel = _zip_member_path(info.name, archive)
+            rel = _member_path(info.name, archive)
             if not (info.isfile() or info.isdir()):
                 raise ValueError(
                     f"{archive}: member {info.name!r} is a {'link' if info.issym() or info.islnk() else 'special file'}; "
@@ -291,7 +292,6 @@ def extract_tar(
                     skipped += 1
                     continue
                 rel = PurePosixPath(*rel.parts[len(prefix) :])
-                errors = (OSError, tarfile.TarError, EOFError)
                 written = _write_member(tmp, rel, info.isdir(), lambda i=info: tf.extractfile(i), errors, archive, info.name)
                 if written is None:
                     continue
